@@ -1,0 +1,121 @@
+"""Observation terms, shared by the simulator and the robot so that neither re-types them.
+
+A term is a small named function of the robot state; the observation is the terms in a fixed
+order, each multiplied by its scale, stacked over `history` frames (oldest first). The layout
+(names, sizes, scales, history) travels inside every artifact's manifest; the robot side builds
+the exact vector the policy was trained on from it. Functions work on a single state or on a
+batch (leading dimensions are kept). Quaternions are (w, x, y, z) everywhere inside robotrl;
+`quat_from_xyzw` converts at the edge, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class RobotState:
+    """What one control tick knows. Arrays may carry a leading batch dimension."""
+    q: np.ndarray              # joint positions, rad, robot config order
+    dq: np.ndarray             # joint velocities, rad/s
+    quat: np.ndarray           # base orientation, (w, x, y, z), world from base
+    gyro: np.ndarray           # base angular velocity in the base frame, rad/s
+    command: np.ndarray        # (vx, vy, yaw rate) in the heading frame
+    phase: np.ndarray          # gait-clock phase in [0, 1)
+    last_action: np.ndarray    # the previous policy action (before scaling)
+    q_default: np.ndarray      # default pose (the action's offset)
+
+
+def quat_from_xyzw(q_xyzw: np.ndarray) -> np.ndarray:
+    return np.concatenate([q_xyzw[..., 3:4], q_xyzw[..., :3]], axis=-1)
+
+
+def projected_gravity(quat_wxyz: np.ndarray) -> np.ndarray:
+    """World gravity direction (0, 0, -1) expressed in the base frame: R(q)^T g."""
+    w, x, y, z = (quat_wxyz[..., i] for i in range(4))
+    # third row of R(q), negated: R^T (0,0,-1) = -(R[2,0], R[2,1], R[2,2])
+    gx = -2.0 * (x * z - w * y)
+    gy = -2.0 * (y * z + w * x)
+    gz = -(1.0 - 2.0 * (x * x + y * y))
+    return np.stack([gx, gy, gz], axis=-1)
+
+
+def _clock(s: RobotState) -> np.ndarray:
+    angle = 2.0 * np.pi * np.asarray(s.phase)
+    return np.stack([np.sin(angle), np.cos(angle)], axis=-1)
+
+
+# name -> (function of the state, size given the number of joints)
+TERMS: dict[str, tuple[Callable[[RobotState], np.ndarray], Callable[[int], int]]] = {
+    "gait_clock": (_clock, lambda n: 2),
+    "command": (lambda s: s.command, lambda n: 3),
+    "joint_pos": (lambda s: s.q - s.q_default, lambda n: n),
+    "joint_vel": (lambda s: s.dq, lambda n: n),
+    "last_action": (lambda s: s.last_action, lambda n: n),
+    "base_ang_vel": (lambda s: s.gyro, lambda n: 3),
+    "projected_gravity": (lambda s: projected_gravity(s.quat), lambda n: 3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ObsLayout:
+    terms: tuple[str, ...]
+    scales: tuple[float, ...]
+    sizes: tuple[int, ...]
+    history: int = 1
+
+    @classmethod
+    def make(cls, terms: dict[str, float], n_joints: int, history: int = 1) -> "ObsLayout":
+        unknown = [t for t in terms if t not in TERMS]
+        if unknown:
+            raise ValueError(f"unknown observation term(s) {unknown}; available: {sorted(TERMS)}")
+        if history < 1:
+            raise ValueError(f"observation history must be >= 1, got {history}")
+        return cls(tuple(terms), tuple(float(v) for v in terms.values()),
+                   tuple(TERMS[t][1](n_joints) for t in terms), int(history))
+
+    @property
+    def frame_size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def size(self) -> int:
+        return self.frame_size * self.history
+
+    def frame(self, state: RobotState) -> np.ndarray:
+        parts = [TERMS[t][0](state) * k for t, k in zip(self.terms, self.scales)]
+        return np.concatenate(parts, axis=-1).astype(np.float32)
+
+    def to_manifest(self) -> dict:
+        return {"terms": [{"name": t, "size": n, "scale": k} for t, n, k in zip(self.terms, self.sizes, self.scales)],
+                "history": self.history, "frame_size": self.frame_size, "size": self.size,
+                "history_order": "oldest_first", "quaternion_order": "wxyz"}
+
+    @classmethod
+    def from_manifest(cls, m: dict) -> "ObsLayout":
+        return cls(tuple(t["name"] for t in m["terms"]), tuple(float(t["scale"]) for t in m["terms"]),
+                   tuple(int(t["size"]) for t in m["terms"]), int(m["history"]))
+
+
+class ObservationBuilder:
+    """Builds the stacked observation of one robot, tick by tick (robot side)."""
+
+    def __init__(self, layout: ObsLayout):
+        self.layout = layout
+        self._frames = np.zeros((layout.history, layout.frame_size), dtype=np.float32)
+        self._filled = False
+
+    def reset(self) -> None:
+        self._filled = False
+
+    def __call__(self, state: RobotState) -> np.ndarray:
+        frame = self.layout.frame(state)
+        if not self._filled:  # a fresh history repeats the first frame, as the simulator does at reset
+            self._frames[:] = frame
+            self._filled = True
+        else:
+            self._frames[:-1] = self._frames[1:]
+            self._frames[-1] = frame
+        return self._frames.reshape(-1)

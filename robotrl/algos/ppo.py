@@ -1,0 +1,190 @@
+"""PPO, top to bottom: rollout storage, GAE, the clipped surrogate with clipped value loss,
+observation normalisation, adaptive (KL-targeted) or scheduled learning rate, and an
+asymmetric critic. ECO and VLA-RL build on `RolloutBuffer`, `gae` and `PPO.update`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from robotrl.networks import ActorCritic
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    name: str = "ppo"
+    steps_per_env: int = 32          # rollout length per environment per iteration
+    epochs: int = 5
+    minibatches: int = 4
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 1.0
+    entropy_coef: float = 0.005
+    lr: float = 1e-3
+    lr_schedule: str = "adaptive"    # adaptive | linear | constant
+    desired_kl: float = 0.01
+    max_grad_norm: float = 1.0
+    actor_hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 128, 64])
+    critic_hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 128, 64])
+    activation: str = "elu"
+    init_std: float = 1.0
+    normalize_advantages: bool = True
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("adaptive", "linear", "constant"):
+            raise ValueError(f"algo.lr_schedule must be one of adaptive, linear, constant; got '{self.lr_schedule}'")
+        for key in ("steps_per_env", "epochs", "minibatches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algo.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("gamma", "lam"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ValueError(f"algo.{key} must be in (0, 1], got {getattr(self, key)}")
+        if self.lr <= 0 or self.clip <= 0:
+            raise ValueError(f"algo.lr and algo.clip must be > 0, got lr={self.lr}, clip={self.clip}")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf reached the learner; the message says where and at which step."""
+
+
+def check_finite(name: str, x: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise NonFiniteError(f"non-finite value in {name} at env step {step} (first bad index {bad})")
+
+
+class RolloutBuffer:
+    def __init__(self, steps: int, num_envs: int, obs_size: int, critic_size: int, action_size: int):
+        T, N = steps, num_envs
+        self.obs = torch.zeros(T, N, obs_size)
+        self.critic_obs = torch.zeros(T, N, critic_size)
+        self.actions = torch.zeros(T, N, action_size)
+        self.logp = torch.zeros(T, N)
+        self.values = torch.zeros(T, N)
+        self.rewards = torch.zeros(T, N)
+        self.dones = torch.zeros(T, N)       # episode ended after this step (terminated or truncated)
+        self.mu = torch.zeros(T, N, action_size)
+        self.sigma = torch.zeros(T, N, action_size)
+        self.t = 0
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            getattr(self, k)[self.t] = v
+        self.t += 1
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a (T, N) rollout; returns (advantages, returns).
+    Truncated episodes are bootstrapped by the caller (it adds gamma * V(final obs) to the reward)."""
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(last_value)
+    for t in reversed(range(T)):
+        next_value = last_value if t == T - 1 else values[t + 1]
+        not_done = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * not_done - values[t]
+        last = delta + gamma * lam * not_done * last
+        adv[t] = last
+    return adv, adv + values
+
+
+class PPO:
+    def __init__(self, obs_size: int, critic_size: int, action_size: int, cfg: PPOConfig, num_envs: int):
+        self.cfg = cfg
+        self.model = ActorCritic(obs_size, critic_size, action_size, cfg.actor_hidden, cfg.critic_hidden,
+                                 cfg.activation, cfg.init_std)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.lr = cfg.lr
+        self.buffer = RolloutBuffer(cfg.steps_per_env, num_envs, obs_size, critic_size, action_size)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, critic_obs: torch.Tensor) -> torch.Tensor:
+        self.model.obs_norm.update(obs)
+        self.model.critic_norm.update(critic_obs)
+        dist = self.model.distribution(obs)
+        action = dist.sample()
+        self.buffer.add(obs=obs, critic_obs=critic_obs, actions=action, logp=dist.log_prob(action).sum(-1),
+                        values=self.model.value(critic_obs), mu=dist.mean, sigma=dist.stddev)
+        return action
+
+    @torch.no_grad()
+    def record(self, rewards: torch.Tensor, dones: torch.Tensor, truncated_value_bonus: torch.Tensor,
+               info: dict) -> None:
+        t = self.buffer.t - 1
+        self.buffer.rewards[t] = rewards + self.cfg.gamma * truncated_value_bonus
+        self.buffer.dones[t] = dones
+
+    @torch.no_grad()
+    def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
+        return self.model.value(critic_obs)
+
+    def update(self, last_critic_obs: torch.Tensor, progress: float, step: int,
+               extra_loss=None) -> dict[str, float]:
+        """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio) -> (loss, scale)`
+        lets constrained variants add their terms; `scale` divides the reward surrogate (ECO's
+        normalised combined loss)."""
+        c, b, m = self.cfg, self.buffer, self.model
+        check_finite("rewards", b.rewards, step)
+        check_finite("observations", b.obs, step)
+        with torch.no_grad():
+            adv, returns = gae(b.rewards, b.values, b.dones, m.value(last_critic_obs), c.gamma, c.lam)
+        T, N = b.rewards.shape
+        flat = lambda x: x.reshape(T * N, *x.shape[2:])  # noqa: E731
+        obs, cobs, act, old_logp, old_v = flat(b.obs), flat(b.critic_obs), flat(b.actions), flat(b.logp), flat(b.values)
+        old_mu, old_sigma, adv, returns = flat(b.mu), flat(b.sigma), flat(adv), flat(returns)
+        if c.lr_schedule == "linear":
+            self.lr = c.lr * max(1.0 - progress, 0.05)
+        stats = {"loss/policy": 0.0, "loss/value": 0.0, "loss/entropy": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        n_updates = 0
+        batch = T * N // c.minibatches
+        for _ in range(c.epochs):
+            perm = torch.randperm(T * N)
+            for k in range(c.minibatches):
+                idx = perm[k * batch:(k + 1) * batch]
+                dist = m.distribution(obs[idx])
+                logp = dist.log_prob(act[idx]).sum(-1)
+                entropy = dist.entropy().sum(-1).mean()
+                with torch.no_grad():  # KL(old || new) of diagonal Gaussians, for the adaptive lr
+                    mu, sigma = dist.mean, dist.stddev
+                    kl = (torch.log(sigma / old_sigma[idx]) + (old_sigma[idx] ** 2 + (old_mu[idx] - mu) ** 2)
+                          / (2 * sigma ** 2) - 0.5).sum(-1).mean()
+                if c.lr_schedule == "adaptive":
+                    if kl > 2 * c.desired_kl:
+                        self.lr = max(1e-5, self.lr / 1.5)
+                    elif kl < c.desired_kl / 2:
+                        self.lr = min(1e-2, self.lr * 1.5)
+                for g in self.opt.param_groups:
+                    g["lr"] = self.lr
+                a = adv[idx]
+                if c.normalize_advantages:
+                    a = (a - a.mean()) / (a.std() + 1e-8)
+                ratio = torch.exp(logp - old_logp[idx])
+                surrogate = -torch.min(ratio * a, torch.clamp(ratio, 1 - c.clip, 1 + c.clip) * a).mean()
+                policy_loss, scale = surrogate, 1.0
+                if extra_loss is not None:
+                    extra, scale = extra_loss(idx, dist, ratio)
+                    policy_loss = (surrogate + extra) / scale
+                v = m.value(cobs[idx])
+                v_clipped = old_v[idx] + torch.clamp(v - old_v[idx], -c.value_clip, c.value_clip)
+                value_loss = torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2).mean()
+                loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
+                check_finite("loss", loss.detach(), step)
+                self.opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), c.max_grad_norm)
+                self.opt.step()
+                stats["loss/policy"] += surrogate.item()
+                stats["loss/value"] += value_loss.item()
+                stats["loss/entropy"] += entropy.item()
+                stats["kl"] += kl.item()
+                stats["clip_frac"] += ((ratio - 1).abs() > c.clip).float().mean().item()
+                n_updates += 1
+        b.t = 0
+        out = {k: v / n_updates for k, v in stats.items()}
+        out["lr"] = self.lr
+        out["action_std"] = m.log_std.exp().mean().item()
+        return out

@@ -1,0 +1,83 @@
+"""Evaluate an artifact (never a checkpoint) in the MuJoCo twin, as the robot would run it.
+Overrides make it a sim-to-sim check: another physics rate, other randomisation, more delay."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from real.artifact import load_artifact
+
+
+def _parse_command(text: str | None):
+    if text is None:
+        return None
+    vals = [float(v) for v in str(text).strip("[]() ").split(",")]
+    if len(vals) != 3:
+        raise ValueError(f"command must be [vx,vy,yaw_rate], got '{text}'")
+    return vals
+
+
+def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | None = None, seed: int = 0,
+                      command: str | None = None, overrides: list[str] | None = None, num_envs: int = 10,
+                      video: str | None = None) -> dict:
+    from sim.envs import TaskVectorEnv, task_config
+    art = load_artifact(path)
+    base = OmegaConf.create(art.manifest["task"]["config"])
+    for o in overrides or []:
+        key, value = o.split("=", 1)
+        if not key.startswith("task."):
+            raise ValueError(f"eval override '{key}': only task.<key>=… overrides are accepted")
+        if OmegaConf.select(base, key[5:], default="__missing__") == "__missing__" and not key[5:].startswith("physics_hz"):
+            raise ValueError(f"eval override '{key}': no such task key")
+        OmegaConf.update(base, key[5:], OmegaConf.create({"v": value}).v if value else value, force_add=True)
+    cmd = _parse_command(command)
+    if cmd is not None:
+        base.command.vx, base.command.vy, base.command.yaw_rate = [cmd[0]] * 2, [cmd[1]] * 2, [cmd[2]] * 2
+    task_cfg = task_config(OmegaConf.to_container(base))
+    n = max(1, min(num_envs, episodes))
+    env = TaskVectorEnv(task_cfg, num_envs=n, nthread=2)
+    obs, _ = env.reset(seed=seed)
+    returns, successes, falls, lengths = [], [], 0, []
+    power, vel_err, energy = [], [], []
+    started = n
+    active = np.ones(n, dtype=bool)
+    while len(returns) < episodes:
+        obs, reward, terminated, truncated, info = env.step(art.act(obs))
+        power.append(info["power_w"][active])
+        if "vel_error" in info:
+            vel_err.append(info["vel_error"][active])
+        done = (terminated | truncated) & active
+        for i in np.flatnonzero(done):
+            returns.append(float(info["episode_return"][i]))
+            lengths.append(int(info["episode_length"][i]))
+            energy.append(float(info["episode_energy_j"][i]))
+            ok = bool(info["success"][i]) if "success" in info else not bool(terminated[i])
+            successes.append(ok)
+            falls += int(terminated[i]) if "success" not in info else 0
+            if started >= episodes:
+                active[i] = False
+            started += 1
+    result = {"artifact": str(path), "episodes": len(returns), "return_mean": float(np.mean(returns)),
+              "return_std": float(np.std(returns)), "success_rate": float(np.mean(successes)), "falls": falls,
+              "episode_length_mean": float(np.mean(lengths)),
+              "mean_power_w": float(np.mean(np.concatenate(power))),
+              "episode_energy_j_mean": float(np.mean(energy)),
+              "task": task_cfg.name, "overrides": list(overrides or []), "command": cmd, "seed": seed}
+    if vel_err:
+        result["vel_tracking_error"] = float(np.mean(np.concatenate(vel_err)))
+    print(json.dumps(result, indent=1))
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+    if video:
+        from robotrl.video import record_video
+        record_video(task_cfg, lambda o: art.act(o), Path(video), seed=seed)
+        result["video"] = video
+    return result

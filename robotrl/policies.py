@@ -1,0 +1,34 @@
+"""From a run folder to an artifact: rebuild the trained policy and call its `export`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from robotrl.checkpoint import load_checkpoint
+from robotrl.export import config_sha256
+
+
+def artifact_manifest(task, config: dict, run: str, env_steps: int) -> dict:
+    """Everything the robot side needs, from the task that trained the policy."""
+    m = task.manifest()
+    m["robot"] = task.robot.facts()
+    m["task"]["config"] = OmegaConf.to_container(OmegaConf.structured(task.cfg))
+    m["training"] = {"run": run, "env_steps": env_steps, "algo": config["algo"]["name"], "seed": config["seed"]}
+    m["hashes"] = {"config_sha256": config_sha256(config)}
+    return m
+
+
+def export_run(run: str | Path, out: str | Path | None = None) -> Path:
+    from robotrl.runner import build
+    ckpt = load_checkpoint(run)
+    cfg = OmegaConf.create(ckpt["config"])
+    env, algo = build(cfg, num_envs=1)
+    algo.model.load_state_dict(ckpt["model"])
+    run_dir = Path(cfg.run_dir)
+    path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}.pt"
+    manifest = artifact_manifest(env.task, ckpt["config"], run_dir.name, ckpt["env_steps"])
+    full = algo.model.export(path, manifest, ckpt["parity_obs"])
+    print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "
+          f"recorded observations\n  weights sha256 {full['hashes']['weights_sha256'][:16]}…")
+    return path

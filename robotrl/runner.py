@@ -1,0 +1,144 @@
+"""The on-policy training runner: environments, rollouts, updates, logging, checkpoints, resume,
+and the end-of-run plots and video. Algorithms plug in through ALGOS."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from robotrl.checkpoint import load_checkpoint, save_atomic
+from robotrl.logging import MetricsLogger, plot_curves
+
+PARITY_ROWS = 512
+
+
+def algo_registry() -> dict:
+    from robotrl.algos.ppo import PPO, PPOConfig
+    return {"ppo": (PPO, PPOConfig)}
+
+
+def algo_config(raw: dict):
+    name = raw.get("name")
+    reg = algo_registry()
+    if name not in reg:
+        raise ValueError(f"unknown algo '{name}'; available: {', '.join(sorted(reg))}")
+    merged = OmegaConf.merge(OmegaConf.structured(reg[name][1]), raw)
+    return OmegaConf.to_object(merged)
+
+
+def build(cfg: DictConfig, num_envs: int | None = None):
+    from sim.envs import TaskVectorEnv, task_config
+    task_cfg = task_config(OmegaConf.to_container(cfg.task, resolve=True))
+    acfg = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
+    env = TaskVectorEnv(task_cfg, num_envs=num_envs or cfg.num_envs, nthread=cfg.nthread)
+    t = env.task
+    algo = algo_registry()[acfg.name][0](t.obs_size, t.critic_obs_size, t.action_size, acfg, env.num_envs)
+    return env, algo
+
+
+def train(cfg: DictConfig) -> Path:
+    torch.set_num_threads(1)  # the physics threads use the other core; small nets are faster this way
+    run_dir = Path(cfg.run_dir)
+    resume = cfg.resume
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(resume)
+        saved = OmegaConf.create(ckpt["config"])
+        saved.total_steps = cfg.total_steps   # a resumed run may be extended
+        cfg = saved
+        run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    torch.manual_seed(cfg.seed)
+    env, algo = build(cfg)
+    obs, info = env.reset(seed=cfg.seed)
+    critic = info["critic_obs"]
+    iteration, env_steps = 0, 0
+    if ckpt is not None:
+        algo.model.load_state_dict(ckpt["model"])
+        algo.opt.load_state_dict(ckpt["opt"])
+        algo.lr = ckpt["lr"]
+        iteration, env_steps = ckpt["iteration"], ckpt["env_steps"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
+    logger = MetricsLogger(run_dir, resume=ckpt is not None)
+    per_iter = env.num_envs * algo.cfg.steps_per_env
+    total_iters = max(1, int(np.ceil(cfg.total_steps / per_iter)))
+    from tqdm import tqdm
+    bar = tqdm(total=total_iters * per_iter, initial=env_steps, unit="step", unit_scale=True,
+               desc=f"{cfg.task.name}/{cfg.algo.name}", dynamic_ncols=True, disable=not cfg.progress)
+    returns, lengths, falls, episodes = [], [], 0, 0
+    while iteration < total_iters:
+        t0 = time.perf_counter()
+        power, vel_err, info_sums = [], [], {}
+        for _ in range(algo.cfg.steps_per_env):
+            action = algo.act(torch.as_tensor(obs), torch.as_tensor(critic))
+            obs, reward, terminated, truncated, info = env.step(action.numpy())
+            critic = info["critic_obs"]
+            bonus = torch.zeros(env.num_envs)
+            if "_final_obs" in info and truncated.any():  # bootstrap time-outs, not failures
+                bonus[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
+            algo.record(torch.as_tensor(reward, dtype=torch.float32),
+                        torch.as_tensor(terminated | truncated, dtype=torch.float32), bonus, info)
+            power.append(info["power_w"].mean())
+            vel_err.append(info["vel_error"].mean() if "vel_error" in info else np.nan)
+            for k, v in info.items():
+                if k.startswith("reward/") or k == "success":
+                    info_sums[k] = info_sums.get(k, 0.0) + float(np.mean(v))
+            if "episode_return" in info:
+                done = info["_final_obs"]
+                returns.extend(info["episode_return"][done].tolist())
+                lengths.extend(info["episode_length"][done].tolist())
+                falls += int(terminated.sum())
+                episodes += int(done.sum())
+        env_steps += per_iter
+        collect_s = time.perf_counter() - t0
+        parity_obs = algo.buffer.obs.reshape(-1, env.task.obs_size).numpy()[-PARITY_ROWS:].copy()
+        stats = algo.update(torch.as_tensor(critic), progress=iteration / total_iters, step=env_steps)
+        iteration += 1
+        metrics = {"train/episode_return": float(np.mean(returns[-100:])) if returns else np.nan,
+                   "train/episode_length": float(np.mean(lengths[-100:])) if lengths else np.nan,
+                   "train/fall_rate": falls / episodes if episodes else np.nan,
+                   "train/power_w": float(np.mean(power)), "train/vel_error": float(np.nanmean(vel_err)) if not np.all(np.isnan(vel_err)) else np.nan,
+                   "perf/env_steps_per_s": per_iter / max(collect_s, 1e-9),
+                   "perf/iteration_s": time.perf_counter() - t0,
+                   **{k: v / algo.cfg.steps_per_env for k, v in info_sums.items()}, **stats}
+        falls = episodes = 0
+        logger.log(env_steps, metrics)
+        bar.update(per_iter)
+        bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W")
+        if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
+            save_atomic({"model": algo.model.state_dict(), "opt": algo.opt.state_dict(), "lr": algo.lr,
+                         "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
+                         "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs},
+                        run_dir / "checkpoints" / "last.pt")
+    bar.close()
+    logger.close()
+    finish(run_dir, cfg, algo)
+    return run_dir
+
+
+def finish(run_dir: Path, cfg: DictConfig, algo) -> None:
+    """Plots and a rollout video at the end of a run, so a person can look rather than read."""
+    curves = plot_curves(run_dir / "metrics.csv", run_dir, ["train/episode_return", "train/episode_length",
+                                                              "train/fall_rate", "train/power_w", "train/vel_error",
+                                                              "loss/value", "kl", "action_std"])
+    video = None
+    if cfg.video:
+        from robotrl.video import record_video
+        from sim.envs import task_config
+        task_cfg = task_config(OmegaConf.to_container(cfg.task, resolve=True))
+
+        def policy(o):
+            with torch.no_grad():
+                return algo.model.action_mean(torch.as_tensor(o, dtype=torch.float32)[None])[0].numpy()
+        video = record_video(task_cfg, policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds, seed=cfg.seed)
+    summary = {"run_dir": str(run_dir), "plots": [str(p) for p in curves], "video": str(video) if video else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"run folder: {run_dir}\n  plots: {', '.join(str(p) for p in curves)}\n  video: {video}")

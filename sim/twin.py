@@ -1,0 +1,75 @@
+"""Build a robot's MuJoCo twin from its one YAML: geometry from the MJCF, every robot fact
+(joint limits, armature, PD actuators, torque limits, timestep) from the config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mujoco
+import numpy as np
+
+from real.robot_spec import RobotSpec
+
+ROBOT_DIR = Path(__file__).resolve().parent / "robots"
+
+
+def robot_spec_editable(spec: RobotSpec) -> mujoco.MjSpec:
+    """The robot's MjSpec with the config's facts applied (no floor, no task objects)."""
+    path = ROBOT_DIR / spec.mjcf
+    if not spec.mjcf or not path.exists():
+        raise FileNotFoundError(f"robot '{spec.name}': MJCF '{spec.mjcf}' not found under {ROBOT_DIR}")
+    mj = mujoco.MjSpec.from_file(str(path))
+    mj.option.timestep = 1.0 / spec.physics_hz
+    joints = {j.name: j for j in mj.joints}
+    for i, name in enumerate(spec.joint_names):
+        if name not in joints:
+            raise ValueError(f"robot '{spec.name}': joint '{name}' from {spec.source} is not in {path.name}; "
+                             f"MJCF joints: {sorted(joints)}")
+        j = joints[name]
+        j.range = [spec.q_lower[i], spec.q_upper[i]]
+        j.limited = mujoco.mjtLimited.mjLIMITED_TRUE
+        j.armature = spec.armature[i]
+        # The motor's PD loop as a MuJoCo position actuator: tau = kp (u - q) - kd dq, clipped to
+        # the motor's torque limit. Gains are changed at run time through actuator_gainprm/biasprm.
+        act = mj.add_actuator()
+        act.name = name
+        act.target = name
+        act.trntype = mujoco.mjtTrn.mjTRN_JOINT
+        act.set_to_position(kp=spec.kp[i], kv=spec.kd[i])
+        act.forcelimited = mujoco.mjtLimited.mjLIMITED_TRUE
+        act.forcerange = [-spec.tau_max[i], spec.tau_max[i]]
+        act.ctrllimited = mujoco.mjtLimited.mjLIMITED_FALSE
+    return mj
+
+
+def add_floor(mj: mujoco.MjSpec, friction: float = 1.0) -> None:
+    tex = mj.add_texture(name="grid", type=mujoco.mjtTexture.mjTEXTURE_2D, builtin=mujoco.mjtBuiltin.mjBUILTIN_CHECKER,
+                         rgb1=[0.25, 0.3, 0.35], rgb2=[0.35, 0.4, 0.45], width=256, height=256)
+    mat = mj.add_material(name="grid", texrepeat=[8, 8])
+    mat.textures[mujoco.mjtTextureRole.mjTEXROLE_RGB] = tex.name
+    mj.worldbody.add_geom(name="floor", type=mujoco.mjtGeom.mjGEOM_PLANE, size=[0, 0, 0.05],
+                          friction=[friction, 0.005, 0.0001], material="grid", contype=1, conaffinity=2)
+    mj.visual.global_.offwidth = 640
+    mj.visual.global_.offheight = 480
+
+
+def build_twin(spec: RobotSpec, floor: bool = True) -> mujoco.MjModel:
+    mj = robot_spec_editable(spec)
+    if floor:
+        add_floor(mj)
+    return mj.compile()
+
+
+def joint_indices(model: mujoco.MjModel, spec: RobotSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """qpos addresses, dof addresses and actuator ids of the config's joints, in config order."""
+    jids = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, n) for n in spec.joint_names]
+    qadr = np.array([model.jnt_qposadr[j] for j in jids])
+    dadr = np.array([model.jnt_dofadr[j] for j in jids])
+    aids = np.array([mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_ACTUATOR, n) for n in spec.joint_names])
+    return qadr, dadr, aids
+
+
+def set_pd_gains(model: mujoco.MjModel, actuator_ids: np.ndarray, kp: np.ndarray, kd: np.ndarray) -> None:
+    """Position-actuator gains in place: gain = kp; bias = [0, -kp, -kd]."""
+    model.actuator_gainprm[actuator_ids, 0] = kp
+    model.actuator_biasprm[actuator_ids, 1] = -kp
+    model.actuator_biasprm[actuator_ids, 2] = -kd
