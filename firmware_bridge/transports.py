@@ -25,6 +25,8 @@ class Transport(Protocol):
 
     def poll(self) -> list[Frame]: ...
 
+    def fileno(self) -> int: ...  # for select()/poll() when a caller wants to wait for data
+
     def close(self) -> None: ...
 
 
@@ -61,6 +63,9 @@ class UdpTransport:
             frame = decode_datagram(data, self.stats)
             if frame is not None:
                 frames.append(frame)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         self._sock.close()
@@ -121,6 +126,9 @@ class SerialTransport:
             if not chunk:
                 return frames
             frames += self._decoder.feed(chunk)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         os.close(self._fd)

@@ -180,7 +180,8 @@ def test_garbage_between_frames_resyncs():
 def test_version_mismatch_is_a_clear_error():
     v2 = frame_with(version=2, mtype=1, payload=bytes(40))
     stats = LinkStats()
-    with pytest.raises(ProtocolVersionError, match="speaks firmware protocol v2, this bridge speaks v1") as e:
+    clear = "speaks firmware protocol v2, this bridge speaks v1"
+    with pytest.raises(ProtocolVersionError, match=clear) as e:
         decode_datagram(v2, stats)
     assert (e.value.remote_version, e.value.local_version) == (2, 1)
     assert stats.bad_version == 1

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from firmware_bridge import CommandMsg, Link, Mode, ModeRequestMsg, SerialTransport, StateMsg, encode
+from firmware_bridge import (
+    CommandMsg, Link, Mode, ModeRequestMsg, SerialTransport, StateMsg, encode,
+)
 
 
 def state(i):
@@ -31,7 +33,7 @@ def pty_link():
 def write_and_wait(link, master, data):
     """Write to the firmware end, then wait until the pty has delivered all of it to the
     device end (ptys hand data over asynchronously), so the next poll sees every byte."""
-    fd = link.transport._fd
+    fd = link.transport.fileno()
     os.write(master, data)
     deadline = time.monotonic() + 2.0
     queued = array.array("i", [0])
@@ -52,7 +54,7 @@ def read_exactly(fd, n):
 
 def test_raw_mode_and_baud_are_set(pty_link):
     link, _ = pty_link
-    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(link.transport._fd)
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(link.transport.fileno())
     assert not lflag & (termios.ECHO | termios.ICANON | termios.ISIG)
     assert not iflag & (termios.ICRNL | termios.IXON) and not oflag & termios.OPOST
     assert cflag & termios.CSIZE == termios.CS8
