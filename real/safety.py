@@ -78,6 +78,8 @@ class SafetyFilter:
         """Passive command: no stiffness, only damping, target held where it was (no effect at kp=0)."""
         target = self._prev if self._prev is not None else np.clip(self.spec.q_default, self.lower, self.upper)
         dq = np.asarray(dq, dtype=np.float64)
+        if dq.shape != target.shape:   # unusable speed: plain damping gain
+            dq = np.full(target.shape, np.nan)
         kd = self.damping_kd * self._gain_scale(-self.damping_kd * dq)
         zeros = np.zeros_like(target)
         return Command(target.copy(), zeros, kd, zeros.copy())
@@ -123,6 +125,8 @@ class SafetyFilter:
     def _check(self, q_des, q, dq, state_age) -> str | None:
         """The reason for a fault this tick, or None."""
         for label, x in (("state q", q), ("state dq", dq), ("desired target", q_des)):
+            if x.shape != self.lower.shape:
+                return f"{label} has shape {x.shape}, expected {self.lower.shape}"
             bad = np.flatnonzero(~np.isfinite(x))
             if bad.size:
                 return f"non-finite {label}: {self._names[bad[0]]}={x[bad[0]]}"

@@ -146,6 +146,13 @@ def test_nan_goes_to_damping_and_latches_until_reset(where):
     assert np.all(cmd.kp == SPEC.kp) and not f.faulted
 
 
+def test_wrong_shape_goes_to_damping():
+    f = make_filter()
+    cmd, events = f.filter(SPEC.q_default[:3], SPEC.q_default, np.zeros(N + 1), 0.0)
+    assert f.faulted and np.all(cmd.kp == 0) and cmd.kd.shape == (N,)
+    assert events[0].reason == "state dq has shape (11,), expected (10,)"
+
+
 def test_stale_state_goes_to_damping():
     f = make_filter(max_state_age=0.02)
     cmd, events = f.filter(SPEC.q_default, SPEC.q_default, np.zeros(N), 0.019)
