@@ -1,0 +1,189 @@
+"""The spine end to end: train a tiny run, export it, load it where only torch and numpy exist,
+evaluate it, and refuse what must be refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from real.artifact import ArtifactError, ManifestMismatch, check_against_robot, load_artifact
+from real.robot_spec import CONFIG_DIR, load_robot, spec_from_dict
+from robotrl.checkpoint import CheckpointError, load_checkpoint
+from robotrl.cli import main
+
+TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]",
+        "progress=false", "checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run") / "walk"
+    assert main(["train", *TINY, "total_steps=192", "video_seconds=1", f"run_dir={d}"]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def artifact(run):
+    assert main(["export", f"run={run}", f"out={run}/policy.pt"]) == 0
+    return run / "policy.pt"
+
+
+def test_run_folder_has_everything(run):
+    for name in ("config.yaml", "checkpoints/last.pt", "metrics.csv", "learning_curves.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    assert (run / "rollout.mp4").stat().st_size > 1000
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0].startswith("env_steps")
+
+
+def test_export_parity_and_manifest(artifact):
+    art = load_artifact(artifact)
+    m = art.manifest
+    assert m["action"]["joint_names"] == list(load_robot("kid_biped").joint_names)
+    assert [t["name"] for t in m["observation"]["terms"]][:2] == ["gait_clock", "command"]
+    assert m["observation"]["size"] == sum(t["size"] for t in m["observation"]["terms"]) * m["observation"]["history"]
+    for key in ("kp", "kd", "q_lower", "q_upper", "control_hz", "physics_hz"):
+        assert key in m["robot"]
+    assert len(m["hashes"]["weights_sha256"]) == 64 and len(m["hashes"]["config_sha256"]) == 64
+    assert "torch" in m["versions"] and "mujoco" in m["versions"]
+    targets = art.command(np.full(10, 100.0))
+    spec = load_robot("kid_biped")
+    assert np.all(targets <= spec.q_upper + 1e-6) and np.all(targets >= spec.q_lower - 1e-6)
+
+
+def test_artifact_loads_without_training_stack(artifact):
+    code = f"""
+import sys, json, numpy as np
+from real.artifact import load_artifact
+art = load_artifact({str(artifact)!r})
+a = art.act(np.zeros(art.manifest['observation']['size'], dtype=np.float32))
+heavy = [m for m in ('mujoco', 'gymnasium', 'hydra', 'omegaconf', 'robotrl', 'sim') if m in sys.modules]
+print(json.dumps({{'heavy': heavy, 'n': len(a)}}))
+"""
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"heavy": [], "n": 10}
+
+
+def _robot_variant(**changes):
+    raw = yaml.safe_load((CONFIG_DIR / "robot" / "kid_biped.yaml").read_text())
+    raw.update(changes)
+    return spec_from_dict(raw, source="variant.yaml")
+
+
+def test_manifest_mismatch_is_refused_naming_the_difference(artifact):
+    m = load_artifact(artifact).manifest
+    check_against_robot(m, load_robot("kid_biped"))  # the right robot passes
+    raw = yaml.safe_load((CONFIG_DIR / "robot" / "kid_biped.yaml").read_text())
+    swapped = dict(raw, joints=[raw["joints"][1], raw["joints"][0], *raw["joints"][2:]])
+    swapped.pop("mirror")
+    with pytest.raises(ManifestMismatch, match="joint 0 is 'hip_yaw_l' in the artifact but 'hip_roll_l'"):
+        check_against_robot(m, spec_from_dict(swapped, "swapped.yaml"))
+    with pytest.raises(ManifestMismatch, match="control_hz"):
+        check_against_robot(m, _robot_variant(control_hz=100))
+    with pytest.raises(ManifestMismatch, match="10 joints in the artifact, 9 on the robot"):
+        fewer = dict(raw, joints=raw["joints"][:9])
+        fewer.pop("mirror")
+        check_against_robot(m, spec_from_dict(fewer, "fewer.yaml"))
+    gains = dict(raw, joints=[dict(raw["joints"][0], kp=99.0), *raw["joints"][1:]])
+    with pytest.raises(ManifestMismatch, match="kp of joint 'hip_yaw_l'"):
+        check_against_robot(m, spec_from_dict(gains, "gains.yaml"))
+
+
+def test_corrupt_artifact_and_checkpoint_give_clear_errors(artifact, run, tmp_path, capsys):
+    data = artifact.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="not a robotrl artifact|corrupt"):
+        load_artifact(truncated)
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError):
+        load_artifact(tmp_path / "flipped.pt")
+    with pytest.raises(ArtifactError, match="not found"):
+        load_artifact(tmp_path / "missing.pt")
+    assert main(["eval", f"artifact={truncated}"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.pt" in err and "Traceback" not in err
+    ck = (run / "checkpoints" / "last.pt").read_bytes()
+    (tmp_path / "bad.pt").write_bytes(ck[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_export_refuses_when_parity_fails(run, tmp_path):
+    import torch
+    from robotrl.export import ExportError, export_artifact
+    from robotrl.networks import MlpDeployPolicy
+    from robotrl.policies import artifact_manifest
+    from robotrl.runner import build
+    from omegaconf import OmegaConf
+    ckpt = load_checkpoint(run)
+    env, algo = build(OmegaConf.create(ckpt["config"]), num_envs=1)
+    algo.model.load_state_dict(ckpt["model"])
+    manifest = artifact_manifest(env.task, ckpt["config"], "x", 0)
+    out = tmp_path / "p.pt"
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_artifact(MlpDeployPolicy(algo.model, manifest), manifest, out, ckpt["parity_obs"],
+                        lambda x: algo.model.action_mean(x) + 1e-3)
+    assert not out.exists()
+
+
+def test_eval_writes_json(artifact, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", f"artifact={artifact}", "episodes=2", "num_envs=2", f"out={out}",
+                 "task.episode_s=1.0", "command=[0.2,0,0]"]) == 0
+    res = json.loads(out.read_text())
+    assert res["episodes"] == 2 and 0.0 <= res["success_rate"] <= 1.0
+    for key in ("return_mean", "falls", "vel_tracking_error", "mean_power_w"):
+        assert np.isfinite(res[key])
+    assert res["mean_power_w"] > 0
+
+
+def test_resume_after_kill(tmp_path):
+    d = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "robotrl.cli", "train", *TINY, "total_steps=100000", "video=false", f"run_dir={d}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    ckpt = d / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.exists() and load_checkpoint(ckpt)["iteration"] >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = load_checkpoint(ckpt)["iteration"]
+    assert done_before >= 2
+    total = (done_before + 2) * 64
+    assert main(["train", f"resume={d}", f"total_steps={total}"]) == 0
+    after = load_checkpoint(ckpt)
+    assert after["iteration"] == done_before + 2 and after["env_steps"] == total
+    steps = [int(r.split(",")[0]) for r in (d / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == total and steps == sorted(steps)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "robot=hexapod"], "unknown robot 'hexapod'; available: .*kid_biped"),
+    (["train", "task=fly"], "unknown task 'fly'; available: .*humanoid_walk"),
+    (["train", "algo=sac9"], "unknown algo 'sac9'; available: .*ppo"),
+    (["train", "algo.lr=fast", *TINY], "algo.lr|lr"),
+    (["train", "algo.gamma=2.0", *TINY], "algo.gamma"),
+    (["train", "task.episode_s=-3", *TINY], "task.episode_s"),
+    (["export"], "run="),
+    (["eval", "artifact=/nonexistent.pt"], "artifact not found"),
+    (["frobnicate"], "unknown command"),
+])
+def test_bad_input_is_named(args, needle, capsys, tmp_path):
+    assert main([*args, f"run_dir={tmp_path}/x"] if args[0] == "train" else args) == 2
+    err = capsys.readouterr().err
+    import re
+    assert re.search(needle, err), err
+    assert "Traceback" not in err
