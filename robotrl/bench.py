@@ -1,0 +1,162 @@
+"""`robotrl bench sim|infer [--json FILE]`: figures against a baseline measured in the same run
+(these machines are noisy, so ratios are what to compare)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rate(fn, seconds: float) -> float:
+    """Calls of fn per second over at least `seconds` (fn returns how many steps it did)."""
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += fn()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
+    import mujoco
+    import torch
+    from sim.envs import make, make_vec
+    env = make("humanoid_walk")
+    env.reset(seed=0)
+    task = env.task
+    m, d = task.model, mujoco.MjData(task.model)
+    mujoco.mj_setState(m, d, task.sim.state[0], mujoco.mjtState.mjSTATE_FULLPHYSICS)
+    d.ctrl[:] = task.robot.q_default
+
+    def raw():
+        for _ in range(50):
+            mujoco.mj_step(m, d, task.substeps)
+            if d.qpos[2] < 0.25:
+                mujoco.mj_setState(m, d, task.sim.state[0], mujoco.mjtState.mjSTATE_FULLPHYSICS)
+        return 50
+    zero = np.zeros(task.action_size)
+
+    def single():
+        for _ in range(50):
+            _, _, term, trunc, _ = env.step(zero)
+            if term or trunc:
+                env.reset()
+        return 50
+    raw_rate = _rate(raw, seconds)
+    env_rate = _rate(single, seconds)
+    venv = make_vec("humanoid_walk", num_envs=num_envs, nthread=2)
+    venv.reset(seed=0)
+    zeros = np.zeros((num_envs, task.action_size))
+
+    def vec():
+        for _ in range(5):
+            venv.step(zeros)
+        return 5 * num_envs
+    vec_rate = _rate(vec, seconds)
+    ours, sb3 = bench_ppo(ppo_steps)
+    res = {"substeps": task.substeps, "raw_mj_steps_per_s": raw_rate, "env_steps_per_s": env_rate,
+           "env_over_raw": env_rate / raw_rate, "vec_num_envs": num_envs, "vec_env_steps_per_s": vec_rate,
+           "vec_over_raw": vec_rate / raw_rate, "ppo_env_steps_per_s": ours, "sb3_env_steps_per_s": sb3,
+           "ppo_over_sb3": (ours / sb3) if sb3 else None, "threads": {"torch": torch.get_num_threads(), "physics": 2}}
+    rows = [("raw mj_step (one env, control period)", f"{raw_rate:,.0f} /s", ""),
+            ("env.step (gymnasium Env)", f"{env_rate:,.0f} /s", f"{res['env_over_raw']:.2f}× raw"),
+            (f"vector env ({num_envs} envs, 2 threads)", f"{vec_rate:,.0f} /s", f"{res['vec_over_raw']:.2f}× raw"),
+            ("robotrl PPO training", f"{ours:,.0f} env-steps/s", ""),
+            ("stable-baselines3 PPO training", f"{sb3:,.0f} env-steps/s" if sb3 else "not installed",
+             f"{res['ppo_over_sb3']:.2f}× sb3" if sb3 else "")]
+    _table("bench sim (humanoid_walk, kid_biped)", rows)
+    return res
+
+
+def bench_ppo(steps: int) -> tuple[float, float | None]:
+    """Env-steps/s of a PPO training loop: ours (vector env + our PPO) against SB3 on the same task."""
+    import torch
+    from omegaconf import OmegaConf
+    from robotrl.cli import compose_train_config
+    from robotrl.runner import build
+    torch.set_num_threads(1)
+    cfg = compose_train_config(["num_envs=64", "algo.actor_hidden=[64,64]", "algo.critic_hidden=[64,64]",
+                                "algo.steps_per_env=32"])
+    env, algo = build(cfg)
+    obs, info = env.reset(seed=0)
+    t0, n = time.perf_counter(), 0
+    while n < steps:
+        for _ in range(algo.cfg.steps_per_env):
+            a = algo.act(torch.as_tensor(obs), torch.as_tensor(info["critic_obs"]))
+            obs, r, term, trunc, info = env.step(a.numpy())
+            algo.record(torch.as_tensor(r, dtype=torch.float32), torch.as_tensor(term | trunc, dtype=torch.float32),
+                        torch.zeros(env.num_envs), info)
+        algo.update(torch.as_tensor(info["critic_obs"]), 0.0, n)
+        n += env.num_envs * algo.cfg.steps_per_env
+    ours = n / (time.perf_counter() - t0)
+    try:
+        from stable_baselines3 import PPO as SB3PPO
+        from stable_baselines3.common.env_util import make_vec_env
+    except ImportError:
+        return ours, None
+    from sim.envs import TaskEnv
+    venv = make_vec_env(lambda: TaskEnv("humanoid_walk"), n_envs=8, seed=0)
+    model = SB3PPO("MlpPolicy", venv, n_steps=256, batch_size=512, n_epochs=5, verbose=0, device="cpu",
+                   policy_kwargs={"net_arch": [64, 64]})
+    sb3_steps = max(2048, steps // 4)
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=sb3_steps)
+    sb3 = model.num_timesteps / (time.perf_counter() - t0)
+    return ours, sb3
+
+
+def bench_infer(artifact: str | None, calls: int) -> dict:
+    import torch
+    from real.artifact import load_artifact
+    path = artifact or str(Path(__file__).resolve().parents[1] / "docs" / "artifacts" / "kid_biped_walk_ppo.pt")
+    art = load_artifact(path)
+    torch.set_num_threads(1)
+    obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
+    lat = np.empty(calls)
+    for _ in range(200):
+        art.command(art.act(obs))
+    for i in range(calls):
+        t0 = time.perf_counter_ns()
+        art.command(art.act(obs))
+        lat[i] = (time.perf_counter_ns() - t0) / 1e3
+    res = {"artifact": path, "calls": calls, "latency_median_us": float(np.median(lat)),
+           "latency_p99_us": float(np.percentile(lat, 99)), "latency_max_us": float(lat.max())}
+    _table("bench infer (observation → joint targets, one call)",
+           [("median", f"{res['latency_median_us']:.1f} µs", ""), ("p99", f"{res['latency_p99_us']:.1f} µs", "goal ≤ 150 µs"),
+            ("max", f"{res['latency_max_us']:.1f} µs", "")])
+    return res
+
+
+def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{title}\n" + "-" * (w + 40))
+    for a, b, c in rows:
+        print(f"{a:<{w}}  {b:>22}  {c}")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="robotrl bench")
+    p.add_argument("what", choices=["sim", "infer", "loop"])
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--num-envs", type=int, default=64)
+    p.add_argument("--ppo-steps", type=int, default=32768)
+    p.add_argument("--artifact", default=None)
+    p.add_argument("--calls", type=int, default=5000)
+    a = p.parse_args(argv)
+    if a.what == "sim":
+        res = bench_sim(a.seconds, a.num_envs, a.ppo_steps)
+    elif a.what == "infer":
+        res = bench_infer(a.artifact, a.calls)
+    else:
+        from robotrl.bench_loop import bench_loop
+        res = bench_loop(a.seconds)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, a.json)
+        print(f"\nwrote {a.json}")

@@ -1,0 +1,83 @@
+"""Scripted experts: demonstrations for behaviour cloning, and a yardstick for the tasks.
+
+An expert reads the simulator's true state (not the observation) and returns one batch of
+actions in the task's own action space, so its rollouts are valid demonstrations.
+"""
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+
+
+class ArmLiftExpert:
+    """Approach above the cube -> descend -> close -> lift, for sim/tasks/arm_lift.py.
+
+    Stateless: each step picks the phase from the geometry, so it recovers by itself when a
+    grasp slips and needs no notice of resets. A Cartesian goal for the tool centre point
+    (position, and orientation pointing down with the fingers across two cube faces) is turned
+    into joint targets by one damped-least-squares step on MuJoCo's site Jacobian.
+    """
+
+    def __init__(self, task, noise: float = 0.0, seed: int | None = None, max_step_m: float = 0.02,
+                 damping: float = 0.05):
+        self.task = task
+        self.noise = noise
+        self.rng = np.random.default_rng(seed)
+        self.max_step_m = max_step_m      # Cartesian distance asked for per control step
+        self.damping = damping
+        m, r = task.model, task.robot
+        self.site = m.site(r.extra["ee_site"]).id
+        self.arm = np.arange(r.n_joints) != task.gripper
+        self.arm_dofs = task.dadr[self.arm]
+        self._jacp = np.zeros((3, m.nv))
+        self._jacr = np.zeros((3, m.nv))
+
+    def __call__(self) -> np.ndarray:
+        t = self.task
+        actions = np.stack([self._act(i) for i in range(t.num_envs)])
+        if self.noise > 0:
+            actions += self.rng.normal(0.0, self.noise, actions.shape)
+        return np.clip(actions, t.action_low, t.action_high)
+
+    def _act(self, i: int) -> np.ndarray:
+        t, r, c = self.task, self.task.robot, self.task.cfg
+        d = t.sim.data_of(i)
+        cube = d.qpos[t.cube_qadr:t.cube_qadr + 3].copy()
+        tcp = d.site_xpos[self.site].copy()
+        offset = cube - tcp
+        grasped = t.pad_contact[i].all()
+        gripper_target = t.target[i, t.gripper]
+        squeezing = grasped and gripper_target < d.qpos[t.qadr[t.gripper]] - 0.005
+        if squeezing:            # lift
+            goal = np.array([cube[0], cube[1], c.cube.size / 2 + c.lift_height + 0.05])
+        else:                    # come down onto the cube along a funnel: higher while off to the side
+            goal = cube + [0.0, 0.0, min(0.1, 4.0 * np.linalg.norm(offset[:2]))]
+        close = squeezing or np.linalg.norm(offset) < 0.015
+
+        # Orientation goal: tcp z down, finger axis (tcp y) along the cube face normal nearest to it.
+        w, x, y, z = d.qpos[t.cube_qadr + 3:t.cube_qadr + 7]
+        cube_x = np.array([1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 0.0])
+        R = d.site_xmat[self.site].reshape(3, 3)
+        axis = cube_x / np.linalg.norm(cube_x)
+        candidates = [axis, -axis, np.array([-axis[1], axis[0], 0.0]), np.array([axis[1], -axis[0], 0.0])]
+        y_goal = max(candidates, key=lambda v: v @ R[:, 1])
+        R_goal = np.column_stack([np.cross(y_goal, [0.0, 0.0, -1.0]), y_goal, [0.0, 0.0, -1.0]])
+        rot_err = 0.5 * sum(np.cross(R[:, k], R_goal[:, k]) for k in range(3))
+
+        pos_err = goal - tcp
+        dist = np.linalg.norm(pos_err)
+        if dist > self.max_step_m:
+            pos_err *= self.max_step_m / dist
+        mujoco.mj_jacSite(t.model, d, self._jacp, self._jacr, self.site)
+        J = np.vstack([self._jacp, self._jacr])[:, self.arm_dofs]
+        err = np.concatenate([pos_err, 0.5 * rot_err])
+        dq = J.T @ np.linalg.solve(J @ J.T + self.damping ** 2 * np.eye(6), err)
+        # Null-space pull towards the default posture keeps the redundant elbow out of trouble.
+        q = d.qpos[t.qadr[self.arm]]
+        null = np.eye(len(dq)) - np.linalg.pinv(J) @ J
+        dq += null @ (0.1 * (r.q_default[self.arm] - q))
+
+        desired = t.target[i].copy()
+        desired[self.arm] = q + dq
+        desired[t.gripper] = r.q_lower[t.gripper] if close else r.q_upper[t.gripper]
+        return (desired - t.target[i]) / t.scale
