@@ -57,9 +57,11 @@ class HumanoidWalkConfig:
 
 
 def quat_rotate_inverse(q: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Rotate world vectors v into the frame of unit quaternions q (w, x, y, z)."""
-    w, u = q[..., :1], q[..., 1:]
-    return v * (2 * w * w - 1) - np.cross(u, v) * 2 * w + u * 2 * np.sum(u * v, axis=-1, keepdims=True)
+    """Rotate world vectors v (N, 3) into the frames of unit quaternions q (N, 4; w, x, y, z)."""
+    w, x, y, z = q[:, 0:1], q[:, 1:2], q[:, 2:3], q[:, 3:4]
+    vx, vy, vz = v[:, 0:1], v[:, 1:2], v[:, 2:3]
+    cross = np.concatenate([y * vz - z * vy, z * vx - x * vz, x * vy - y * vx], axis=1)
+    return v * (2 * w * w - 1) - cross * (2 * w) + q[:, 1:] * (2 * (x * vx + y * vy + z * vz))
 
 
 # ---- reward terms: each a function of the step's quantities `s`, batched ----
@@ -85,16 +87,12 @@ def base_height(s):
 
 
 def gait_contact(s):
-    # Left foot in stance during the first half of the clock, right foot in the second.
-    left_stance = np.sin(2 * np.pi * s["phase"]) >= 0
-    expected = np.stack([left_stance, ~left_stance], axis=1)
-    return np.sum(expected == s["contact"], axis=1) / 2.0
+    return np.sum(s["stance"] == s["contact"], axis=1) / 2.0
 
 
 def foot_clearance(s):
-    swing = np.stack([np.sin(2 * np.pi * s["phase"]) < 0, np.sin(2 * np.pi * s["phase"]) >= 0], axis=1)
     lift = np.clip(s["foot_height"] / s["clearance"], 0.0, 1.0)
-    return np.sum(swing * lift, axis=1) / 2.0
+    return np.sum(~s["stance"] * lift, axis=1) / 2.0
 
 
 def action_rate(s):
@@ -237,8 +235,7 @@ class HumanoidWalk:
     def observe(self) -> tuple[np.ndarray, np.ndarray]:
         obs = self.history.reshape(self.num_envs, -1)
         clean = self._frame(noisy=False)
-        quat = self.sim.qpos[:, 3:7]
-        lin_vel = quat_rotate_inverse(quat, self.sim.qvel[:, :3])
+        lin_vel = quat_rotate_inverse(self.sim.qpos[:, 3:7], self.sim.qvel[:, :3])
         critic = np.concatenate([clean, lin_vel, self.sim.qpos[:, 2:3], self.contact, self.dr_params,
                                  ], axis=1).astype(np.float32)
         return obs.copy(), critic
@@ -272,8 +269,9 @@ class HumanoidWalk:
         gravity = projected_gravity(quat)
         lin_vel = quat_rotate_inverse(quat, sim.qvel[:, :3])
         q = sim.qpos[:, self.qadr]
-        s = {"command": self.command, "lin_vel": lin_vel, "ang_vel": sim.qvel[:, 3:6], "gravity": gravity,
-             "height": sim.qpos[:, 2], "nominal_height": c.nominal_height, "phase": self.phase,
+        left_stance = self.phase < 0.5   # the clock's first half (sin >= 0): left foot down, right swings
+        s = {"stance": np.stack([left_stance, ~left_stance], axis=1), "command": self.command, "lin_vel": lin_vel, "ang_vel": sim.qvel[:, 3:6], "gravity": gravity,
+             "height": sim.qpos[:, 2], "nominal_height": c.nominal_height,
              "contact": self.contact, "foot_height": self.foot_z, "clearance": c.foot_clearance_m,
              "action": self.action, "last_action": self.last_action, "joint_offset": q - r.q_default,
              "lateral_joints": self.lateral_joints}
