@@ -23,6 +23,11 @@ from real.safety import SafetyEvent, SafetyFilter
 from real.state_machine import ControlStateMachine, Mode
 
 
+# The firmware mode each controller mode asks for (requested every tick until the state shows it).
+FIRMWARE_MODE = {Mode.IDLE: FirmwareMode.IDLE, Mode.RAMP: FirmwareMode.RUNNING, Mode.RUNNING: FirmwareMode.RUNNING,
+                 Mode.DAMPING: FirmwareMode.DAMPING, Mode.ESTOP: FirmwareMode.ESTOP}
+
+
 class Controller:
     def __init__(self, artifact: Artifact, spec: RobotSpec, hardware: HardwareInterface, *,
                  max_state_age: float = 0.05, max_delta: float = 0.2, ramp_s: float = 1.0,
@@ -45,6 +50,7 @@ class Controller:
         self.events: collections.deque[tuple[float, SafetyEvent]] = collections.deque(maxlen=256)
         self.ticks = 0
         self._was_running = False
+        self._firmware_was_running = False
 
     # ---- called from other threads ----
     def set_velocity_command(self, vx: float, vy: float, yaw_rate: float) -> None:
@@ -79,6 +85,7 @@ class Controller:
             age = float("inf")
         else:
             q, dq, age = s.q, s.dq, self.clock() - s.stamp_s
+        self._follow_firmware(s)
         running = self.machine.mode is Mode.RUNNING
         q_des = None
         if running:
@@ -103,12 +110,26 @@ class Controller:
         for e in events:
             self.events.append((now, e))
         out = JointCommand(q_target=cmd.q_target, kp=cmd.kp, kd=cmd.kd, tau_ff=cmd.tau_ff)
-        if self.machine.mode is Mode.ESTOP:  # repeat every tick: any single frame may be lost
-            self.hw.request_mode(int(FirmwareMode.ESTOP))
+        want = FIRMWARE_MODE[self.machine.mode]
+        if s is None or s.firmware_mode != int(want):  # repeat until acknowledged: frames may be lost
+            self.hw.request_mode(int(want))
         self.hw.write(out)
         self.last_sent = out
         self.ticks += 1
         return out
+
+    def _follow_firmware(self, s) -> None:
+        """The firmware is the last authority: if it dropped out of RUNNING on its own (its
+        watchdog, a local e-stop), the controller stops too instead of pushing it back."""
+        active = self.machine.mode in (Mode.RAMP, Mode.RUNNING)
+        fw = None if s is None else FirmwareMode(s.firmware_mode)
+        if active and self._firmware_was_running and fw in (FirmwareMode.DAMPING, FirmwareMode.ESTOP):
+            self.machine.damp(f"firmware reports {fw.name}")
+            active = False
+        if not active:
+            self._firmware_was_running = False
+        elif fw is FirmwareMode.RUNNING:
+            self._firmware_was_running = True
 
     def loop(self, **kwargs) -> RateLoop:
         """A fixed-rate loop (absolute deadlines) running this controller's tick."""
