@@ -1,0 +1,122 @@
+"""FirmwareHardware over real UDP loopback sockets against a minimal fake firmware built from
+firmware_bridge alone, so these tests need no MuJoCo (the robot computer has none). The
+round trip with the emulated firmware (the MuJoCo twin) is in tests/sim."""
+import select
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from firmware_bridge import (CommandMsg, Mode, ModeRequestMsg, ProtocolVersionError, StateMsg,
+                             UdpTransport, encode)
+from real.hardware import FirmwareHardware, HardwareError, JointCommand
+from real.robot_spec import load_robot
+from real.safety import Command
+
+SPEC = load_robot("kid_biped")
+N = SPEC.n_joints
+
+
+def state(i, n=N, mode=Mode.RUNNING):
+    """A StateMsg whose contents identify it by i."""
+    return StateMsg(np.full(n, 0.1 * i), np.full(n, -0.5), np.full(n, 2.0), np.full(n, 31.0),
+                    [1, 0, 0, 0], [0.1, 0.2, 0.3], [0, 0, 9.81], mode, i, 1000 * i)
+
+
+def with_version(frame: bytes, version: int) -> bytes:
+    """The same frame as another protocol version would send it: intact, with a valid CRC."""
+    f = bytearray(frame)
+    f[2] = version
+    f[-4:] = zlib.crc32(f[:-4]).to_bytes(4, "little")
+    return bytes(f)
+
+
+class FakeFirmware:
+    def __init__(self):
+        self.transport = UdpTransport(("127.0.0.1", 0))
+        self.seq = 0
+
+    def send(self, msg, version=None):
+        frame = encode(msg, self.seq)
+        self.seq += 1
+        self.transport.send(frame if version is None else with_version(frame, version))
+
+    def receive(self, timeout=1.0):
+        select.select([self.transport.fileno()], [], [], timeout)
+        return self.transport.poll()
+
+
+@pytest.fixture
+def pair():
+    fw = FakeFirmware()
+    hw = FirmwareHardware.udp(SPEC, fw.transport.address, ("127.0.0.1", 0))
+    fw.transport.peer = hw.link.transport.address
+    yield hw, fw
+    hw.close()
+    fw.transport.close()
+
+
+def test_state_and_command_round_trip(pair):
+    hw, fw = pair
+    assert hw.read() is None and hw.stale
+    fw.send(state(3))
+    before = time.monotonic()
+    s = hw.start(timeout_s=1.0)
+    assert before <= s.stamp_s <= time.monotonic()
+    assert s.q.dtype == np.float64 and s.q.shape == (N,)
+    np.testing.assert_allclose(s.q, 0.3, rtol=1e-6)
+    np.testing.assert_allclose(s.gyro, [0.1, 0.2, 0.3], rtol=1e-6)
+    assert (s.firmware_mode, s.last_command_seq) == (Mode.RUNNING, 3)
+    assert hw.read() is s, "no newer state: the same one again, its stamp tells its age"
+
+    cmd = JointCommand(SPEC.q_default, SPEC.kp, SPEC.kd, np.full(N, 0.25))
+    hw.request_mode(Mode.RUNNING)
+    hw.write(cmd)
+    (seq0, mode_req), (seq1, sent) = fw.receive()
+    assert isinstance(mode_req, ModeRequestMsg) and mode_req.mode == Mode.RUNNING
+    assert isinstance(sent, CommandMsg) and seq1 == seq0 + 1 == hw.last_sent_seq
+    for got, want in zip((sent.position, sent.kp, sent.kd, sent.torque_ff), (cmd.q_target, cmd.kp, cmd.kd, cmd.tau_ff)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert hw.stats.frames_ok == 1 and not hw.stale
+
+
+def test_read_returns_the_newest_of_queued_states(pair):
+    hw, fw = pair
+    for i in range(1, 6):
+        fw.send(state(i))
+    hw.start()
+    assert hw.read().last_command_seq == 5
+
+
+def test_joint_command_from_safety_command_and_wrong_size(pair):
+    hw, _ = pair
+    cmd = JointCommand(*Command(SPEC.q_default, SPEC.kp, SPEC.kd, np.zeros(N)))
+    assert cmd.q_target.dtype == np.float64
+    with pytest.raises(ValueError, match="expected shape"):
+        JointCommand(np.zeros(N), np.zeros(N), np.zeros(N - 1), np.zeros(N))
+    with pytest.raises(ValueError, match="command has 9 joints, robot 'kid_biped' has 10"):
+        hw.write(JointCommand(np.zeros(9), np.zeros(9), np.zeros(9), np.zeros(9)))
+
+
+def test_refuses_firmware_of_another_protocol_version(pair):
+    hw, fw = pair
+    fw.send(state(1), version=2)
+    with pytest.raises(ProtocolVersionError, match="speaks firmware protocol v2, this bridge speaks v1"):
+        hw.start(timeout_s=1.0)
+    assert hw.stats.bad_version == 1
+
+
+def test_refuses_firmware_with_another_motor_count(pair):
+    hw, fw = pair
+    fw.send(state(1, n=12))
+    with pytest.raises(HardwareError, match="firmware reports 12 motors, robot 'kid_biped' has 10 joints"):
+        hw.start(timeout_s=1.0)
+
+
+def test_start_times_out_without_firmware(pair):
+    hw, _ = pair
+    t0 = time.monotonic()
+    with pytest.raises(HardwareError, match="no STATE from the firmware of 'kid_biped' within 0.1 s"):
+        hw.start(timeout_s=0.1)
+    assert 0.09 <= time.monotonic() - t0 < 0.5

@@ -1,0 +1,224 @@
+"""The emulated firmware (the biped's MuJoCo twin behind the firmware protocol) driven by
+FirmwareHardware over real UDP loopback sockets, in lock-step and in real time."""
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from firmware_bridge import CommandMsg, Mode, encode
+from real.hardware import FirmwareHardware, JointCommand
+from real.robot_spec import load_robot
+from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig
+
+SPEC = load_robot("kid_biped")
+N = SPEC.n_joints
+HOLD = JointCommand(SPEC.q_default, SPEC.kp, SPEC.kd, np.zeros(N))
+WATCHDOG_MS = 100.0
+
+
+@pytest.fixture
+def rig():
+    """(emulated firmware, FirmwareHardware) talking over 127.0.0.1 on ephemeral ports."""
+    fw = EmulatedFirmware(SPEC, ("127.0.0.1", 0), config=FirmwareConfig(watchdog_ms=WATCHDOG_MS))
+    hw = FirmwareHardware.udp(SPEC, fw.address, ("127.0.0.1", 0))
+    fw.peer = hw.link.transport.address
+    yield fw, hw
+    fw.close()
+    hw.close()
+
+
+def run_lockstep(fw, hw, cmd, periods):
+    """Per period: request RUNNING, send cmd, let the firmware step; returns the states read."""
+    states = []
+    for _ in range(periods):
+        hw.request_mode(Mode.RUNNING)
+        hw.write(cmd)
+        fw.step_control_period()
+        states.append(hw.read())
+    return states
+
+
+def test_round_trip_lockstep(rig):
+    fw, hw = rig
+    fw.step_control_period()
+    s = hw.start(timeout_s=1.0)
+    assert s.firmware_mode == Mode.IDLE and s.last_command_seq == 0
+    np.testing.assert_allclose(s.q, SPEC.q_default, atol=0.01)  # sagging a little, passive
+    np.testing.assert_allclose(s.quat_wxyz, [1, 0, 0, 0], atol=1e-2)
+    assert s.accel[2] == pytest.approx(9.81, abs=3.0)  # an IMU at rest reads +g upward
+
+    hw.write(HOLD)  # IDLE: received but not applied
+    fw.step_control_period()
+    assert fw.applied_commands() == [] and hw.read().last_command_seq == 0
+
+    s = run_lockstep(fw, hw, HOLD, 50)[-1]  # 1 s
+    assert s.firmware_mode == Mode.RUNNING and s.last_command_seq == hw.last_sent_seq
+    applied = fw.applied_commands()
+    assert len(applied) == 50 and applied[-1].seq == hw.last_sent_seq
+    np.testing.assert_array_equal(applied[-1].q_target, SPEC.q_default.astype(np.float32))
+    np.testing.assert_array_equal(applied[-1].kp, SPEC.kp.astype(np.float32))
+    # Joints track the targets (the gravity load on the soft ankles costs a few hundredths).
+    np.testing.assert_allclose(s.q, SPEC.q_default, atol=0.1)
+    assert np.all(np.abs(s.tau) <= SPEC.tau_max) and np.any(np.abs(s.tau) > 0.1)
+    assert np.all(s.temperature >= 30.0)
+    base = fw.base_state()
+    assert base.pos[2] > 0.4 and np.allclose(base.quat_wxyz, s.quat_wxyz, atol=1e-2)
+
+
+def test_feed_forward_is_clipped_at_the_torque_limit(rig):
+    fw, hw = rig
+    limp = JointCommand(SPEC.q_default, np.zeros(N), np.zeros(N), np.full(N, 50.0))
+    s = run_lockstep(fw, hw, limp, 3)[-1]
+    np.testing.assert_allclose(np.abs(s.tau), SPEC.tau_max, rtol=1e-6)
+    np.testing.assert_array_equal(fw.applied_commands()[-1].tau_ff, 50.0)  # logged as received
+
+
+def test_standing_in_real_time(rig):
+    fw, hw = rig
+    fw.start()
+    hw.start(timeout_s=1.0)
+    period = 1.0 / SPEC.control_hz
+    t0 = time.monotonic()
+    sim0 = fw.sim.time
+    heights, errors = [], []
+    for k in range(int(2.0 * SPEC.control_hz)):  # 2 s at the control rate, absolute deadlines
+        hw.request_mode(Mode.RUNNING)
+        hw.write(HOLD)
+        s = hw.read()
+        heights.append(fw.base_state().pos[2])
+        errors.append(np.abs(s.q - SPEC.q_default).max())
+        time.sleep(max(0.0, t0 + (k + 1) * period - time.monotonic()))
+    wall = time.monotonic() - t0
+    assert min(heights) > 0.3, f"pelvis fell to {min(heights):.3f} m"
+    assert max(errors[10:]) < 0.1
+    assert hw.read().firmware_mode == Mode.RUNNING
+    assert fw.sim.time - sim0 == pytest.approx(wall, abs=0.1 + fw.lag_s), "sim time follows wall time"
+    assert hw.stats.timeouts == 0 and hw.stats.gaps == 0
+
+
+def test_watchdog_damps_when_commands_stop(rig):
+    fw, hw = rig
+    fw.start()
+    hw.start(timeout_s=1.0)
+    for _ in range(15):
+        hw.request_mode(Mode.RUNNING)
+        hw.write(HOLD)
+        last_write = time.monotonic()
+        time.sleep(0.02)
+    assert hw.read().firmware_mode == Mode.RUNNING
+    while (s := hw.read()).firmware_mode == Mode.RUNNING and time.monotonic() - last_write < 1.0:
+        time.sleep(0.002)
+    elapsed = s.stamp_s - last_write
+    assert s.firmware_mode == Mode.DAMPING
+    # Trips after watchdog_ms, seen within one STATE period (20 ms) plus scheduling slack.
+    assert WATCHDOG_MS / 1000 - 0.005 <= elapsed <= WATCHDOG_MS / 1000 + 0.08, elapsed
+    # Damping is passive: new commands are not applied until RUNNING is requested again.
+    n_applied = len(fw.applied_commands())
+    hw.write(HOLD)
+    time.sleep(0.05)
+    assert len(fw.applied_commands()) == n_applied and hw.read().firmware_mode == Mode.DAMPING
+
+
+def test_estop_is_latched(rig):
+    fw, hw = rig
+    run_lockstep(fw, hw, HOLD, 5)
+    hw.request_mode(Mode.ESTOP)
+    fw.step_control_period()
+    n_applied = len(fw.applied_commands())
+    for mode in (Mode.RUNNING, Mode.IDLE, Mode.DAMPING):
+        hw.request_mode(mode)
+        hw.write(HOLD)
+        fw.step_control_period()
+        assert hw.read().firmware_mode == Mode.ESTOP
+    assert len(fw.applied_commands()) == n_applied
+    np.testing.assert_array_equal(fw.sim.model.actuator_gainprm[:, 0], 0.0)  # no stiffness
+
+
+def test_damaged_foreign_and_invalid_commands_are_never_applied(rig):
+    fw, hw = rig
+    run_lockstep(fw, hw, HOLD, 3)
+    before = fw.applied_commands()
+    wild = CommandMsg(np.full(N, 3.0), np.full(N, 500.0), np.zeros(N), np.full(N, 40.0))
+    # Damaged and foreign frames, from a stray sender (they are dropped before seq checking)...
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    bad_crc = bytearray(encode(wild, 0))
+    bad_crc[-1] ^= 0xFF
+    v2 = bytearray(encode(wild, 0))
+    v2[2] = 2
+    v2[-4:] = zlib.crc32(v2[:-4]).to_bytes(4, "little")
+    for frame in (bad_crc, v2):
+        raw.sendto(bytes(frame), fw.address)
+    raw.close()
+    # ...and intact but invalid commands, in the robot computer's own sequence.
+    hw.link.send(CommandMsg(np.full(N, np.nan), SPEC.kp, SPEC.kd, np.zeros(N)))
+    hw.link.send(CommandMsg(SPEC.q_default, -SPEC.kp, SPEC.kd, np.zeros(N)))
+    hw.link.send(CommandMsg(np.zeros(12), np.zeros(12), np.zeros(12), np.zeros(12)))  # another robot's
+    fw.step_control_period()
+    assert fw.applied_commands() == before
+    assert (fw.stats.bad_crc, fw.stats.bad_version, fw.sim.rejected) == (1, 1, 3)
+    # The firmware lives on and keeps taking valid commands.
+    run_lockstep(fw, hw, HOLD, 1)
+    assert len(fw.applied_commands()) == len(before) + 1
+
+
+def test_lockstep_is_deterministic():
+    def run():
+        fw = EmulatedFirmware(SPEC, ("127.0.0.1", 0))
+        hw = FirmwareHardware.udp(SPEC, fw.address, ("127.0.0.1", 0))
+        fw.peer = hw.link.transport.address
+        try:
+            states = []
+            for k in range(60):
+                q = SPEC.q_default + 0.2 * np.sin(0.3 * k) * (SPEC.q_upper - SPEC.q_lower) / 4
+                states += run_lockstep(fw, hw, JointCommand(q, SPEC.kp, SPEC.kd, np.full(N, 0.1)), 1)
+            return states, fw.base_state()
+        finally:
+            fw.close()
+            hw.close()
+
+    (a, base_a), (b, base_b) = run(), run()
+    fields = ("q", "dq", "tau", "temperature", "quat_wxyz", "gyro", "accel")
+    for sa, sb in zip(a, b):
+        for f in fields:
+            np.testing.assert_array_equal(getattr(sa, f), getattr(sb, f))
+        assert (sa.firmware_mode, sa.last_command_seq) == (sb.firmware_mode, sb.last_command_seq)
+    for xa, xb in zip(base_a, base_b):
+        np.testing.assert_array_equal(xa, xb)
+    assert np.ptp([s.q[2] for s in a]) > 0.1, "the targets actually moved the robot"
+
+
+def test_command_line_process(tmp_path):
+    hw = FirmwareHardware.udp(SPEC, ("127.0.0.1", 1), ("127.0.0.1", 0))  # firmware port learnt below
+    host, port = hw.link.transport.address
+    log = tmp_path / "applied.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.emulated_firmware", "--robot", "kid_biped", "--port", "0",
+         "--peer", f"{host}:{port}", "--watchdog-ms", "200", "--log", str(log)],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        assert ready, "the firmware process did not start"
+        line = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, line
+        hw.link.transport.peer = ("127.0.0.1", int(line.split("listening on 127.0.0.1:")[1].split(",")[0]))
+        hw.start(timeout_s=2.0)
+        for _ in range(10):
+            hw.request_mode(Mode.RUNNING)
+            hw.write(HOLD)
+            time.sleep(0.02)
+        assert hw.read().firmware_mode == Mode.RUNNING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+        hw.close()
+    assert proc.returncode == 0, out
+    saved = np.load(log)
+    assert 5 <= len(saved["seq"]) <= 10 and saved["q_target"].shape[1] == N
+    assert list(saved["joint_names"]) == list(SPEC.joint_names)
