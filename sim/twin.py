@@ -2,7 +2,10 @@
 (joint limits, armature, PD actuators, torque limits, timestep) from the config."""
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import mujoco
 import numpy as np
@@ -17,7 +20,8 @@ def robot_spec_editable(spec: RobotSpec) -> mujoco.MjSpec:
     path = ROBOT_DIR / spec.mjcf
     if not spec.mjcf or not path.exists():
         raise FileNotFoundError(f"robot '{spec.name}': MJCF '{spec.mjcf}' not found under {ROBOT_DIR}")
-    mj = mujoco.MjSpec.from_file(str(path))
+    pkg = spec.extra.get("mjcf_package")
+    mj = mujoco.MjSpec.from_file(str(path)) if pkg is None else _load_package_mjcf(spec, path, pkg)
     mj.option.timestep = 1.0 / spec.physics_hz
     joints = {j.name: j for j in mj.joints}
     for i, name in enumerate(spec.joint_names):
@@ -38,6 +42,37 @@ def robot_spec_editable(spec: RobotSpec) -> mujoco.MjSpec:
         act.forcelimited = mujoco.mjtLimited.mjLIMITED_TRUE
         act.forcerange = [-spec.tau_max[i], spec.tau_max[i]]
         act.ctrllimited = mujoco.mjtLimited.mjLIMITED_FALSE
+    return mj
+
+
+def _load_package_mjcf(spec: RobotSpec, wrapper: Path, pkg: dict) -> mujoco.MjSpec:
+    """A robot whose MJCF ships in an installed Python package: our wrapper under sim/robots/
+    <include>s the package's files through ${package_dir}; then the YAML's edits (attributes we
+    would have written differently, by fnmatch name pattern) are set on its joints and bodies."""
+    module = pkg["module"]
+    found = importlib.util.find_spec(module)  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"robot '{spec.name}': its MJCF comes from the Python package '{module}', which is not installed; "
+            f"pip install '{pkg.get('pip', module)}' (or the 'models' extra: pip install -e '.[models]')", name=module)
+    root = Path(list(found.submodule_search_locations)[0]) / pkg["dir"]
+    if not root.is_dir():
+        raise FileNotFoundError(f"robot '{spec.name}': '{pkg['dir']}' not found in the installed '{module}' ({root})")
+    mj = mujoco.MjSpec.from_string(wrapper.read_text().replace("${package_dir}", escape(root.as_posix())))
+    for kind, elements in (("joint", mj.joints), ("body", mj.bodies)):
+        for pattern, attrs in pkg.get(f"{kind}_edits", {}).items():
+            hits = [e for e in elements if fnmatch.fnmatchcase(e.name, pattern)]
+            if not hits:
+                raise ValueError(f"robot '{spec.name}': mjcf_package.{kind}_edits '{pattern}' matches no {kind}")
+            for e in hits:
+                for key, value in attrs.items():
+                    if not hasattr(e, key):
+                        raise ValueError(f"robot '{spec.name}': mjcf_package.{kind}_edits '{pattern}': "
+                                         f"a {kind} has no attribute '{key}'")
+                    if isinstance(getattr(e, key), np.ndarray):  # as in MJCF: missing trailing values are 0
+                        value = np.pad(np.atleast_1d(np.asarray(value, dtype=float)),
+                                       (0, getattr(e, key).size - np.size(value)))
+                    setattr(e, key, value)
     return mj
 
 
