@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 
 from real.artifact import load_artifact
@@ -33,7 +34,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
             raise ValueError(f"eval override '{key}': only task.<key>=… overrides are accepted")
         if OmegaConf.select(base, key[5:], default="__missing__") == "__missing__" and not key[5:].startswith("physics_hz"):
             raise ValueError(f"eval override '{key}': no such task key")
-        OmegaConf.update(base, key[5:], OmegaConf.create({"v": value}).v if value else value, force_add=True)
+        OmegaConf.update(base, key[5:], yaml.safe_load(value), force_add=True)  # "[1,1]" -> [1, 1]
     cmd = _parse_command(command)
     if cmd is not None:
         base.command.vx, base.command.vy, base.command.yaw_rate = [cmd[0]] * 2, [cmd[1]] * 2, [cmd[2]] * 2
