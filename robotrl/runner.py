@@ -18,8 +18,10 @@ PARITY_ROWS = 512
 
 
 def algo_registry() -> dict:
+    from robotrl.algos.constrained import BASELINES
+    from robotrl.algos.eco import ECO, ECOConfig
     from robotrl.algos.ppo import PPO, PPOConfig
-    return {"ppo": (PPO, PPOConfig)}
+    return {"ppo": (PPO, PPOConfig), "eco": (ECO, ECOConfig), **BASELINES}
 
 
 def algo_config(raw: dict):

@@ -1,0 +1,317 @@
+"""ECO: energy-constrained PPO for humanoid walking (PPO-Lagrangian), plus the constraint machinery
+its baselines share (robotrl/algos/constrained.py). Recipe and numbers: papers/eco.md.
+
+    maximise J_R   subject to   J_C1 ≤ b1 (energy)   and   J_C2 ≤ b2 (reference motion)
+
+C1 energy. Per-step cost c1 = info["energy_j"], the task's Σ_legs |τ·q̇| integrated at the physics
+  rate over the control step (J). J_C1 = mean over the last `cost_window` finished episodes of
+  episode energy / episode duration, in W (energy_unit=W); with energy_unit=J, of the episode
+  energy itself (J per episode; note that an early fall then looks cheap). Until the first
+  episode ends, the running episodes stand in.
+C2 reference motion (algo.motion):
+  symmetry        J_C2 = mean over the rollout of ‖π(s) − M_a π(M_s s)‖² on the action means, mean
+                  over joints (action units²); M_s, M_a from robotrl/mirror.py (gait clock + ½ period).
+  reference_gait  c2 = mean over joints of (q − q_ref(φ))², a sinusoidal gait on the gait clock;
+                  J_C2 = its per-step mean over an episode (rad²).
+  none            energy only.
+Each per-step cost has a cost-critic head; cost GAE over the discounted cost-to-go gives cost
+advantages Â_c, standardised. With ρ the probability ratio, PPO's extra_loss hook builds
+    L = [L_clip + Σ_i λ_i·mean(Â_ci·ρ) + λ_sym·L_mirror] / (1 + Σ λ) + L_V − c_H·H
+and the multipliers follow λ_i ← max(0, λ_i + lr_λ·(J_Ci − b_i)/b_i) with Adam, init 0, once
+per iteration.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+from torch import nn
+
+from real.observations import ObsLayout
+from real.robot_spec import load_robot
+from robotrl.algos.ppo import PPO, PPOConfig, gae
+from robotrl.mirror import action_mirror, obs_mirror
+from robotrl.networks import mlp
+
+ENERGY_UNITS = ("W", "J")
+MOTIONS = ("symmetry", "reference_gait", "none")
+
+
+@dataclasses.dataclass
+class ConstrainedConfig(PPOConfig):
+    """Keys shared by ECO and its baselines, so every method runs the same task against the same
+    budgets. The PPO defaults are ECO's recipe (papers/eco.md) where it gives one."""
+    gamma: float = 0.99                  # ECO's 0.994 at 100 Hz ≈ 0.99 at our 50 Hz (a ~2 s horizon)
+    entropy_coef: float = 0.001
+    actor_hidden: list[int] = dataclasses.field(default_factory=lambda: [512, 256, 128])
+    critic_hidden: list[int] = dataclasses.field(default_factory=lambda: [768, 256, 128])
+    # The task's robot and observation layout (configs/algo/*.yaml interpolate them from the task).
+    robot: str = ""
+    observation: dict[str, float] = dataclasses.field(default_factory=dict)
+    history: int = 1
+    # C1: b1 in W of average mechanical power over an episode, or J per episode (energy_unit=J).
+    energy_budget: float = 30.0
+    energy_unit: str = "W"
+    # C2: its form, and b2 in action units² (symmetry) or rad² (reference_gait).
+    motion: str = "symmetry"
+    motion_budget: float = 0.05
+    # The reference gait: in the clock's first half the leg whose joint names end in ref_first_swing
+    # lifts, each joint named by a ref_pattern prefix bending by ref_amplitude · factor · sin(2πφ).
+    ref_amplitude: float = 0.2           # rad
+    ref_pattern: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"hip_pitch": -1.0, "knee": 2.0, "ankle": -1.0})   # keeps the sole level
+    ref_first_swing: str = "_r"          # humanoid_walk: left stance while phase < ½
+    cost_window: int = 100               # finished episodes behind each J_C
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.energy_unit not in ENERGY_UNITS:
+            raise ValueError(f"algo.energy_unit must be one of {', '.join(ENERGY_UNITS)}; got '{self.energy_unit}'")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"algo.motion: unknown constraint '{self.motion}'; available: {', '.join(MOTIONS)}")
+        for key in ("energy_budget", "motion_budget"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"algo.{key} must be > 0 (a budget on a non-negative cost), got {getattr(self, key)}")
+        if self.cost_window < 1:
+            raise ValueError(f"algo.cost_window must be >= 1, got {self.cost_window}")
+        if not self.robot or not self.observation:
+            raise ValueError("algo.robot and algo.observation are empty; configs/algo/<method>.yaml fills them from "
+                             "the task (${task.robot}, ${task.observation}, ${task.history})")
+
+
+class ReferenceGait:
+    """A sinusoidal reference gait synchronised with the gait clock, read from the newest observation
+    frame: the swing leg's pattern joints bend by amplitude·factor·max(0, ±sin 2πφ), the stance leg
+    stays at the default pose. Cost = mean over joints of (q − q_ref)², in rad² (the observation's
+    joint noise adds ~3e-5)."""
+
+    def __init__(self, robot, layout: ObsLayout, cfg: ConstrainedConfig):
+        for term in ("gait_clock", "joint_pos"):
+            if term not in layout.terms:
+                raise ValueError(f"algo.motion=reference_gait needs the '{term}' observation term")
+        newest = (layout.history - 1) * layout.frame_size
+        starts = dict(zip(layout.terms, (newest + sum(layout.sizes[:i]) for i in range(len(layout.terms)))))
+        sizes = dict(zip(layout.terms, layout.sizes))
+        self.clock = slice(starts["gait_clock"], starts["gait_clock"] + 2)
+        self.joints = slice(starts["joint_pos"], starts["joint_pos"] + sizes["joint_pos"])
+        self.joint_scale = layout.scales[layout.terms.index("joint_pos")]
+        self.first = torch.zeros(robot.n_joints)   # offsets at sin = 1: the first-half swing leg
+        self.second = torch.zeros(robot.n_joints)  # offsets at sin = -1: the other leg
+        for prefix, factor in cfg.ref_pattern.items():
+            hits = [j for j, name in enumerate(robot.joint_names) if name.startswith(prefix)]
+            if not hits:
+                raise ValueError(f"algo.ref_pattern: '{prefix}' matches no joint of {robot.name} "
+                                 f"({', '.join(robot.joint_names)})")
+            for j in hits:
+                leg = self.first if robot.joint_names[j].endswith(cfg.ref_first_swing) else self.second
+                leg[j] = cfg.ref_amplitude * factor
+
+    def cost(self, obs: torch.Tensor) -> torch.Tensor:
+        clock = obs[:, self.clock]
+        s = clock[:, 0] / clock.norm(dim=1).clamp(min=1e-6)   # sin 2πφ, whatever the term's scale
+        q_ref = self.first * s.clamp(min=0)[:, None] + self.second * (-s).clamp(min=0)[:, None]
+        q = obs[:, self.joints] / self.joint_scale                 # q − q_default
+        return ((q - q_ref) ** 2).mean(1)
+
+
+class EpisodeCosts:
+    """Per-env running cost sums and the statistics of the last `window` finished episodes, which are
+    what the weights of the constraints see. Per cost, an episode's statistic is its sum divided by
+    its duration ("rate": J → W), by its steps ("mean") or by nothing ("total")."""
+
+    def __init__(self, num_envs: int, modes: list[str], dt: float, window: int):
+        self.modes, self.dt = modes, dt
+        self.sums = torch.zeros(num_envs, len(modes))
+        self.steps = torch.zeros(num_envs)
+        self.finished: collections.deque = collections.deque(maxlen=window)
+
+    def statistic(self, sums: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        per = {"rate": steps * self.dt, "mean": steps, "total": torch.ones_like(steps)}
+        return torch.stack([sums[:, k] / per[m] for k, m in enumerate(self.modes)], dim=1)
+
+    def add(self, cost: torch.Tensor, done: torch.Tensor) -> None:
+        self.sums += cost
+        self.steps += 1
+        done = done.bool()
+        if done.any():
+            self.finished.extend(self.statistic(self.sums[done], self.steps[done]))
+            self.sums[done] = 0.0
+            self.steps[done] = 0.0
+
+    def estimate(self) -> torch.Tensor:
+        if self.finished:
+            return torch.stack(list(self.finished)).mean(0)
+        return self.statistic(self.sums, self.steps.clamp(min=1)).mean(0)   # before the first episode ends
+
+
+class ConstrainedPPO(PPO):
+    """PPO plus what every method of the ECO family shares: per-step costs, the cost critic, cost GAE,
+    the estimates J_C and the mirror loss. A method says how the weights of its constraints move
+    (`update_weights`, once per iteration) and how the constraints enter the loss (`constraint_loss`,
+    PPO's extra_loss hook: (loss, scale) with the policy loss = (L_clip + loss) / scale)."""
+    uses_cost_advantages = True
+
+    def __init__(self, obs_size: int, critic_size: int, action_size: int, cfg: ConstrainedConfig, num_envs: int):
+        super().__init__(obs_size, critic_size, action_size, cfg, num_envs)
+        robot = load_robot(cfg.robot)
+        layout = ObsLayout.make(dict(cfg.observation), robot.n_joints, cfg.history)
+        if layout.size != obs_size:
+            raise ValueError(f"algo.observation and algo.history give {layout.size} observations, the task {obs_size}; "
+                             "they must come from the task (${task.observation}, ${task.history})")
+        self.dt = 1.0 / robot.control_hz
+        symmetry = cfg.motion == "symmetry"
+        self.mirror_obs = obs_mirror(robot, layout) if symmetry else None
+        self.mirror_act = action_mirror(robot) if symmetry else None
+        self.reference = ReferenceGait(robot, layout, cfg) if cfg.motion == "reference_gait" else None
+        # Constraints in order: the per-step costs (they have critic heads), then the loss-defined symmetry.
+        self.cost_names = ["energy"] + (["reference_gait"] if self.reference else [])
+        self.names = self.cost_names + (["symmetry"] if symmetry else [])
+        self.budget_values = [cfg.energy_budget] + ([cfg.motion_budget] if cfg.motion != "none" else [])
+        self.budgets = torch.tensor(self.budget_values)
+        K, T = len(self.cost_names), cfg.steps_per_env
+        self.costs = torch.zeros(T, num_envs, K)
+        self.cost_bonus = torch.zeros(T, num_envs, K)   # γ·V_c(final observation) at time-outs
+        energy_stat = "rate" if cfg.energy_unit == "W" else "total"
+        self.episodes = EpisodeCosts(num_envs, [energy_stat] + ["mean"] * (K - 1), self.dt, cfg.cost_window)
+        self.J = torch.zeros(len(self.names))
+        self.weights = torch.zeros(len(self.names))
+        if self.uses_cost_advantages:
+            # The cost critic lives in the model, so checkpoints carry it, but has its own optimiser:
+            # its regression must not share PPO's gradient clipping with the policy.
+            self.model.cost_critic = mlp([critic_size, *cfg.critic_hidden, K], cfg.activation)
+            self.cost_opt = torch.optim.Adam(self.model.cost_critic.parameters(), lr=cfg.lr)
+
+    # ---- rollout ----
+    def step_costs(self, info: dict, obs: torch.Tensor) -> torch.Tensor:
+        """This step's costs (N, K): the task's energy in J, the reference-gait deviation in rad²."""
+        costs = [torch.as_tensor(info["energy_j"], dtype=torch.float32)]
+        if self.reference is not None:
+            costs.append(self.reference.cost(obs))
+        return torch.stack(costs, dim=1)
+
+    @torch.no_grad()
+    def record(self, rewards, dones, truncated_value_bonus, info) -> None:
+        super().record(rewards, dones, truncated_value_bonus, info)
+        t = self.buffer.t - 1
+        self.costs[t] = self.step_costs(info, self.buffer.obs[t])
+        self.episodes.add(self.costs[t], dones)
+        timeout = truncated_value_bonus != 0   # the runner bootstraps time-outs, and only those
+        if self.uses_cost_advantages and timeout.any():
+            final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[timeout]
+            self.cost_bonus[t, timeout] = self.cfg.gamma * self.cost_value(final)
+
+    def cost_value(self, critic_obs: torch.Tensor) -> torch.Tensor:
+        return self.model.cost_critic(self.model.critic_norm(critic_obs))
+
+    # ---- the constraints' terms ----
+    def mirror_loss(self, obs: torch.Tensor) -> torch.Tensor:
+        """‖π(s) − M_a π(M_s s)‖² on the action means, mean over samples and joints."""
+        mu = self.model.action_mean
+        return ((mu(obs) - self.mirror_act(mu(self.mirror_obs(obs)))) ** 2).mean()
+
+    def surrogates(self, idx: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+        """One differentiable term per constraint, in `names` order: mean(Â_c·ρ) for each per-step cost,
+        the mirror loss itself for symmetry."""
+        terms = (ratio[:, None] * self.cost_adv[idx]).mean(0)
+        if self.mirror_obs is not None:
+            terms = torch.cat([terms, self.mirror_loss(self.rollout_obs[idx])[None]])
+        return terms
+
+    def update_weights(self, J: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def constraint_loss(self, idx, dist, ratio) -> tuple[torch.Tensor, float | torch.Tensor]:
+        raise NotImplementedError
+
+    # ---- update ----
+    def update(self, last_critic_obs, progress: float, step: int, extra_loss=None) -> dict[str, float]:
+        c, b = self.cfg, self.buffer
+        T, N = b.rewards.shape
+        self.rollout_obs = b.obs.reshape(T * N, -1)
+        with torch.no_grad():
+            self.J = self.episodes.estimate()
+            if self.mirror_obs is not None:
+                self.J = torch.cat([self.J, self.mirror_loss(self.rollout_obs)[None]])
+            if self.uses_cost_advantages:
+                # (1 − γ)·cost makes the critic's target a discounted mean cost per step, of one step's
+                # scale whatever the horizon; the advantages are standardised, so only conditioning changes.
+                # (The time-out bonus is a critic value, already in those units.)
+                scaled = (1 - c.gamma) * self.costs + self.cost_bonus
+                adv, cost_returns = gae(scaled, self.cost_value(b.critic_obs), b.dones[..., None],
+                                        self.cost_value(last_critic_obs), c.gamma, c.lam)
+                adv = adv.reshape(T * N, -1)
+                self.cost_adv = (adv - adv.mean(0)) / (adv.std(0) + 1e-8)
+        self.weights = self.update_weights(self.J)
+        stats = super().update(last_critic_obs, progress, step, extra_loss=self.constraint_loss)
+        if self.uses_cost_advantages:
+            stats["loss/cost_value"] = self.fit_cost_critic(b.critic_obs.reshape(T * N, -1),
+                                                            cost_returns.reshape(T * N, -1))
+        self.cost_bonus.zero_()
+        return {**stats, **self.constraint_stats()}
+
+    def fit_cost_critic(self, critic_obs: torch.Tensor, returns: torch.Tensor) -> float:
+        c, total = self.cfg, 0.0
+        for _ in range(c.epochs):
+            for idx in torch.randperm(len(returns)).chunk(c.minibatches):
+                loss = ((self.cost_value(critic_obs[idx]) - returns[idx]) ** 2).mean()
+                self.cost_opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.model.cost_critic.parameters(), c.max_grad_norm)
+                self.cost_opt.step()
+                total += loss.item()
+        self.cost_opt.zero_grad()   # leave no gradients behind: PPO clips the norm over all model parameters
+        return total / (c.epochs * c.minibatches)
+
+    def constraint_stats(self) -> dict[str, float]:
+        """constraint/lambda<i>_<name>, J<i>_<name>, b<i>_<name> (energy: _W or _J), i = 1 energy, 2 motion."""
+        out = {}
+        for i, name in enumerate(self.names):
+            key = f"{i + 1}_{name}" + (f"_{self.cfg.energy_unit}" if name == "energy" else "")
+            out[f"constraint/lambda{i + 1}_{name}"] = float(self.weights[i])
+            out[f"constraint/J{key}"] = float(self.J[i])
+            out[f"constraint/b{key}"] = self.budget_values[i]
+        return out
+
+
+class LagrangeMultipliers(nn.Module):
+    """λ ≥ 0, one per constraint: projected gradient ascent on the Lagrangian with Adam,
+    λ ← max(0, λ + lr·(J − b)/b). Dividing by b makes the step unit-free: early in training J − b in
+    watts can be tens, and Adam's second-moment memory of that would hide a later small slack for
+    thousands of iterations. With Adam each step moves λ by about lr whatever the scale."""
+
+    def __init__(self, n: int, lr: float):
+        super().__init__()
+        self.lam = nn.Parameter(torch.zeros(n))
+        self.opt = torch.optim.Adam([self.lam], lr=lr)
+
+    def update(self, J: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.lam.grad = -(J - b) / b   # Adam descends, so descend −λ·(J − b)
+        self.opt.step()
+        self.lam.grad = None           # PPO clips the gradient norm over all model parameters
+        with torch.no_grad():
+            self.lam.clamp_(min=0.0)
+        return self.lam.detach().clone()
+
+
+@dataclasses.dataclass
+class ECOConfig(ConstrainedConfig):
+    name: str = "eco"
+    lambda_lr: float = 1e-3   # Adam on the multipliers; the paper's value
+
+
+class ECO(ConstrainedPPO):
+    """PPO-Lagrangian: the constraint terms weighted by learned multipliers, the whole policy loss
+    normalised by 1 + Σλ so that a large λ does not also mean a large step."""
+
+    def __init__(self, obs_size, critic_size, action_size, cfg: ECOConfig, num_envs):
+        super().__init__(obs_size, critic_size, action_size, cfg, num_envs)
+        self.model.multipliers = LagrangeMultipliers(len(self.names), cfg.lambda_lr)   # checkpointed with the model
+        self.weights = self.model.multipliers.lam.detach().clone()
+
+    def update_weights(self, J):
+        return self.model.multipliers.update(J, self.budgets)
+
+    def constraint_loss(self, idx, dist, ratio):
+        lam = self.weights
+        return (lam * self.surrogates(idx, ratio)).sum(), 1.0 + lam.sum()

@@ -1,0 +1,188 @@
+"""`robotrl compare`: ECO against its baselines in one report folder.
+
+Each run is exported to an artifact and evaluated with `robotrl eval`'s function (the artifact, not
+the checkpoint, is what is judged). The folder gets report.md (a table of average power,
+velocity-tracking error, no-fall rate and constraint satisfaction per run), report.json, the
+artifacts, and three plots: power over training, the multipliers over training (from each run's
+metrics.csv), and the energy–tracking trade-off across budgets (eval power against tracking error).
+
+    robotrl compare runs=[runs/a,runs/b] [artifacts=[x.pt]] [out=reports/compare] [episodes=10]
+    robotrl compare train=true [methods=[eco,ppo_shaping,...]] [budgets=[20,30,40]] [steps=1000000]
+                    [num_envs=32] [seed=0] [algo.*=… task.*=… training overrides]
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+METHODS = ["eco", "ppo_shaping", "ipo", "p3o", "crpo", "pid_lagrangian"]
+BUDGET_FREE = {"ppo", "ppo_shaping"}   # their training ignores the budget: trained once, not per budget
+
+
+def parse_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [v.strip() for v in str(text).strip("[]() ").split(",") if v.strip()]
+
+
+def train_runs(out: Path, methods: list[str], budgets: list[str], steps: int, seed: int, num_envs: int | None,
+               overrides: list[str]) -> list[Path]:
+    """One run per method and budget, same seed and task; budget-free methods once."""
+    from robotrl.cli import compose_train_config
+    from robotrl.runner import train
+    runs = []
+    for method in methods:
+        for budget in ([None] if method in BUDGET_FREE or not budgets else budgets):
+            name = method if budget is None else f"{method}_b{budget}"
+            args = [f"algo={method}", f"total_steps={steps}", f"seed={seed}", f"run_dir={out / 'runs' / name}",
+                    "video=false", *overrides]
+            if budget is not None:
+                args.append(f"algo.energy_budget={budget}")
+            if num_envs:
+                args.append(f"num_envs={num_envs}")
+            runs.append(train(compose_train_config(args)))
+    return runs
+
+
+def describe_run(run: Path) -> dict:
+    """What the report needs from a run folder: its method, budgets and last logged constraint values."""
+    from robotrl.logging import read_csv
+    algo = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))["algo"]
+    row = {"label": run.name, "run": str(run), "method": algo["name"], "motion": algo.get("motion"),
+           "energy_unit": algo.get("energy_unit"), "b1": algo.get("energy_budget"),
+           "b2": algo.get("motion_budget") if algo.get("motion") != "none" else None}
+    cols = read_csv(run / "metrics.csv")
+    for key, values in cols.items():
+        for i in ("1", "2"):
+            if key.startswith(f"constraint/J{i}_") and values:
+                row[f"train_J{i}"] = values[-1]
+    return row
+
+
+def evaluate_rows(rows: list[dict], out: Path, episodes: int, seed: int, num_envs: int, command: str | None) -> None:
+    from robotrl.evaluate import evaluate_artifact
+    from robotrl.policies import export_run
+    (out / "artifacts").mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        if "artifact" not in row:
+            row["artifact"] = str(export_run(row["run"], out / "artifacts" / f"{row['label']}.pt"))
+        result = evaluate_artifact(row["artifact"], episodes=episodes, seed=seed, num_envs=num_envs, command=command,
+                                   out=out / "eval" / f"{row['label']}.json")
+        row.update(power_w=result["mean_power_w"], episode_energy_j=result["episode_energy_j_mean"],
+                   vel_error=result.get("vel_tracking_error", math.nan), success_rate=result["success_rate"])
+        # C1 on the evaluation, in the budget's own unit; C2 on the last training iteration (the
+        # mirror loss and the reference deviation are training-side quantities).
+        if row.get("b1") is not None:
+            measured = row["power_w"] if row["energy_unit"] == "W" else row["episode_energy_j"]
+            row["c1_ok"] = bool(measured <= row["b1"])
+        if row.get("b2") is not None and "train_J2" in row:
+            row["c2_ok"] = bool(row["train_J2"] <= row["b2"])
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def write_markdown(rows: list[dict], plots: list[Path], path: Path) -> None:
+    lines = ["# ECO comparison", "",
+             "Average power, tracking error and no-fall rate come from `robotrl eval` on each exported artifact. "
+             "C1 compares the evaluated power (W, or episode energy for J budgets) with b1; C2 compares the last "
+             "training J_C2 with b2.", "",
+             "| run | method | C2 form | b1 | power (W) | vel. error (m/s) | no-fall rate | C1 ok | J_C2 (train) | b2 | C2 ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b1 = None if r.get("b1") is None else f"{_fmt(r['b1'])} {r['energy_unit']}"
+        lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_fmt(b1)} | {_fmt(r['power_w'], '.2f')} "
+                     f"| {_fmt(r['vel_error'], '.3f')} | {r['success_rate']:.0%} | {_fmt(r.get('c1_ok'))} "
+                     f"| {_fmt(r.get('train_J2'))} | {_fmt(r.get('b2'))} | {_fmt(r.get('c2_ok'))} |")
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_report(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from robotrl.logging import read_csv
+    written = []
+    curves = {r["label"]: read_csv(Path(r["run"]) / "metrics.csv") for r in rows if "run" in r}
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, cols in curves.items():
+        ax.plot(cols["env_steps"], cols["train/power_w"], lw=1.2, label=label)
+    for b1 in sorted({r["b1"] for r in rows if r.get("b1") is not None and r["energy_unit"] == "W"}):
+        ax.axhline(b1, ls="--", lw=0.8, color="gray")
+    ax.set(xlabel="environment steps", ylabel="average power (W)", title="power over training (dashed: budgets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "power_over_training.png"))
+
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for i, ax in zip(("1", "2"), axes):
+        for label, cols in curves.items():
+            for key in (k for k in cols if k.startswith(f"constraint/lambda{i}_")):
+                ax.plot(cols["env_steps"], cols[key], lw=1.2, label=f"{label} ({key.split('_', 1)[1]})")
+        ax.set_ylabel(f"λ{i} ({'energy' if i == '1' else 'motion'})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[-1].set_xlabel("environment steps")
+    axes[0].set_title("multipliers (effective constraint weights) over training")
+    written.append(_save(fig, out / "multipliers_over_training.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("b1") or 0)
+        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o-", label=method)
+        for r in pts:
+            if r.get("b1") is not None:
+                ax.annotate(f"b1={_fmt(r['b1'])}", (r["power_w"], r["vel_error"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="average power in evaluation (W)", ylabel="velocity-tracking error (m/s)",
+           title="energy–tracking trade-off across budgets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out / "tradeoff.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10, seed: int = 0, eval_envs: int = 10,
+            command: str | None = None, train: bool = False, methods: list[str] | None = None,
+            budgets: list[str] | None = None, steps: int = 1_000_000, num_envs: int | None = None,
+            overrides: list[str] | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    run_dirs = [Path(r) for r in runs]
+    if train:
+        run_dirs += train_runs(out, methods or METHODS, budgets or [], steps, seed, num_envs, overrides or [])
+    if not run_dirs and not artifacts:
+        raise ValueError("compare needs runs=[…], artifacts=[…] or train=true")
+    for r in run_dirs:
+        if not (r / "config.yaml").is_file() or not (r / "metrics.csv").is_file():
+            raise FileNotFoundError(f"{r} is not a run folder (no config.yaml / metrics.csv)")
+    from real.artifact import load_artifact
+    rows = [describe_run(r) for r in run_dirs]
+    rows += [{"label": Path(a).stem, "artifact": a, "method": load_artifact(a).manifest["training"]["algo"]}
+             for a in artifacts]
+    for i, row in enumerate(rows):   # labels name the artifact and eval files: keep them unique
+        if [r["label"] for r in rows[:i]].count(row["label"]):
+            row["label"] += f"_{i}"
+    evaluate_rows(rows, out, episodes, seed, eval_envs, command)
+    plots = plot_report(rows, out)
+    write_markdown(rows, plots, out / "report.md")
+    (out / "report.json").write_text(json.dumps(rows, indent=1))
+    print(f"report: {out / 'report.md'}\n  plots: {', '.join(str(p) for p in plots)}")
+    return out
