@@ -111,7 +111,8 @@ def bench_ppo(steps: int) -> tuple[float, float | None]:
 def bench_infer(artifact: str | None, calls: int) -> dict:
     import torch
     from real.artifact import load_artifact
-    path = artifact or str(Path(__file__).resolve().parents[1] / "docs" / "artifacts" / "kid_biped_walk_ppo.pt")
+    from robotrl import WALK_ARTIFACT
+    path = artifact or str(WALK_ARTIFACT)
     art = load_artifact(path)
     torch.set_num_threads(1)
     obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
@@ -139,7 +140,7 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="robotrl bench")
-    p.add_argument("what", choices=["sim", "infer", "loop"])
+    p.add_argument("what", choices=["sim", "infer", "loop", "resfit"])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--num-envs", type=int, default=64)
@@ -151,6 +152,9 @@ def main(argv: list[str]) -> None:
         res = bench_sim(a.seconds, a.num_envs, a.ppo_steps)
     elif a.what == "infer":
         res = bench_infer(a.artifact, a.calls)
+    elif a.what == "resfit":
+        from robotrl.bench_resfit import bench_resfit
+        res = bench_resfit(a.seconds)
     else:
         from robotrl.bench_loop import bench_loop
         res = bench_loop(a.seconds)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from real.rt_loop import RateLoop
 
-DEFAULT_ARTIFACT = Path(__file__).resolve().parents[1] / "docs" / "artifacts" / "kid_biped_walk_ppo.pt"
+from robotrl import WALK_ARTIFACT as DEFAULT_ARTIFACT
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ def save_atomic(obj: dict, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
     finally:
         if os.path.exists(tmp):

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-SHIPPED = Path(__file__).resolve().parents[1] / "docs" / "artifacts" / "kid_biped_walk_ppo.pt"
+from robotrl import WALK_ARTIFACT as SHIPPED
 
 
 def _eval_in_fresh_process(artifact: Path, out: Path, *extra: str) -> dict:

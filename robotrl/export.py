@@ -68,6 +68,7 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
         if not max_err <= atol:
             raise ExportError(f"parity check failed: artifact and training policy differ by {max_err:.3g} "
                               f"(> {atol}) on {len(parity_obs)} recorded observations; nothing was written")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an artifact is meant to be copied and read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
