@@ -8,6 +8,7 @@ it is never part of the reward (ECO constrains it instead).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import mujoco
 import numpy as np
@@ -44,6 +45,7 @@ class HumanoidWalkConfig:
     terminate_height: float
     terminate_tilt: float
     randomization: Randomization
+    physics_hz: Optional[float] = None   # sim-to-sim: simulate at another rate than the robot's
 
     def __post_init__(self):
         for key in ("episode_s", "gait_period_s", "action_scale", "action_clip", "nominal_height"):
@@ -114,6 +116,8 @@ class HumanoidWalk:
     def __init__(self, cfg: HumanoidWalkConfig, num_envs: int = 1, nthread: int = 1):
         self.cfg = cfg
         self.robot = load_robot(cfg.robot)
+        if cfg.physics_hz:
+            self.robot = dataclasses.replace(self.robot, physics_hz=float(cfg.physics_hz))
         r = self.robot
         mj = robot_spec_editable(r)
         add_floor(mj)
