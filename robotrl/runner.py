@@ -69,6 +69,8 @@ def train(cfg: DictConfig) -> Path:
         iteration, env_steps = ckpt["iteration"], ckpt["env_steps"]
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
+    elif cfg.get("init_from"):
+        init_policy(algo.model, cfg.init_from)
     logger = MetricsLogger(run_dir, resume=ckpt is not None)
     per_iter = env.num_envs * algo.cfg.steps_per_env
     total_iters = max(1, int(np.ceil(cfg.total_steps / per_iter)))
@@ -124,6 +126,19 @@ def train(cfg: DictConfig) -> Path:
     logger.close()
     finish(run_dir, cfg, algo)
     return run_dir
+
+
+def init_policy(model: torch.nn.Module, source: str) -> None:
+    """Start from another run's policy (fine-tuning, e.g. ECO from a PPO walker): every tensor
+    whose name and shape match is copied; the rest (a cost critic, say) keeps its fresh init."""
+    theirs = load_checkpoint(source)["model"]
+    ours = model.state_dict()
+    taken = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    if not taken:
+        raise ValueError(f"init_from={source}: no tensor matches this policy's names and shapes")
+    model.load_state_dict(taken, strict=False)
+    fresh = sorted(set(ours) - set(taken))
+    print(f"initialised {len(taken)}/{len(ours)} tensors from {source}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
 
 
 def finish(run_dir: Path, cfg: DictConfig, algo) -> None:

@@ -187,3 +187,17 @@ def test_bad_input_is_named(args, needle, capsys, tmp_path):
     import re
     assert re.search(needle, err), err
     assert "Traceback" not in err
+
+
+def test_init_from_copies_the_policy_and_keeps_new_parts_fresh(run, capsys):
+    import torch
+    from omegaconf import OmegaConf
+    from robotrl.runner import build, init_policy
+    from robotrl.cli import compose_train_config
+    cfg = compose_train_config(["algo=eco", "num_envs=2", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]"])
+    _, algo = build(cfg)
+    init_policy(algo.model, str(run))
+    theirs = load_checkpoint(run)["model"]
+    for k in ("actor.0.weight", "obs_norm.mean", "log_std"):
+        torch.testing.assert_close(algo.model.state_dict()[k], theirs[k])
+    assert "fresh: cost_critic" in capsys.readouterr().out
