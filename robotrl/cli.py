@@ -20,8 +20,13 @@ commands:
   train   robot=… task=… algo=… [hydra overrides]   train a policy; writes a run folder
   export  run=<run dir> [out=<file>]                 write the TorchScript artifact (+ parity check)
   eval    artifact=<file> [episodes=N] [out=<json>] [command=[vx,vy,wz]] [task.* overrides]
+  compare runs=[dir,…] | train=true [methods=[…]] [budgets=[b1,…]] [steps=N] [out=<dir>] [episodes=N]
+                                                     ECO vs baselines: eval table; power, multiplier, trade-off plots
   demo    [steps=N] [out=<dir>]                      train → export → eval in a fresh process
+  demos   task=… n=N [noise=σ] [failures=K] [seed=S] [out=<file.npz>]   record scripted-expert demos
+  report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
   bench   sim|infer [--json <file>]                  throughput and latency figures
+  deploy  <launch file> [name:=value ...]            run a ROS 2 launch file's node graph (--print, --show-args)
 """
 
 
@@ -72,6 +77,10 @@ def cmd_train(args: list[str]) -> Path:
     cfg = compose_train_config(args)
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")
+    from robotrl.offpolicy import is_offpolicy
+    if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
+        from robotrl.offpolicy import train as train_offpolicy
+        return train_offpolicy(cfg)
     return train(cfg)
 
 
@@ -94,10 +103,40 @@ def cmd_eval(args: list[str]) -> dict:
                              video=opts["video"])
 
 
+def cmd_compare(args: list[str]) -> Path:
+    from robotrl.compare import compare, parse_list
+    opts, overrides = parse_pairs(args, {"runs": None, "artifacts": None, "out": "reports/compare", "episodes": "10",
+                                         "seed": "0", "eval_envs": "10", "command": None, "train": "false",
+                                         "methods": None, "budgets": None, "steps": "1000000", "num_envs": None})
+    if opts["train"] not in ("true", "false"):
+        raise UsageError(f"train must be true or false, got '{opts['train']}'")
+    return compare(parse_list(opts["runs"]), parse_list(opts["artifacts"]), Path(opts["out"]),
+                   episodes=int(opts["episodes"]), seed=int(opts["seed"]), eval_envs=int(opts["eval_envs"]),
+                   command=opts["command"], train=opts["train"] == "true", methods=parse_list(opts["methods"]),
+                   budgets=parse_list(opts["budgets"]), steps=int(float(opts["steps"])),
+                   num_envs=int(opts["num_envs"]) if opts["num_envs"] else None, overrides=overrides)
+
+
 def cmd_demo(args: list[str]) -> None:
     from robotrl.demo import demo
     opts, _ = parse_pairs(args, {"steps": "300000", "out": "runs/demo"})
     demo(int(opts["steps"]), Path(opts["out"]))
+
+
+def cmd_demos(args: list[str]) -> Path:
+    from robotrl.datasets import demos_command
+    opts, overrides = parse_pairs(args, {"task": "arm_lift", "n": "50", "noise": "0.0", "failures": "0", "seed": "0",
+                                         "out": None, "num_envs": "4"})
+    return demos_command(opts["task"], n=int(opts["n"]), noise=float(opts["noise"]), failures=int(opts["failures"]),
+                         seed=int(opts["seed"]), out=opts["out"], num_envs=int(opts["num_envs"]), overrides=overrides)
+
+
+def cmd_report(args: list[str]) -> dict:
+    from robotrl.report_resfit import report
+    opts, _ = parse_pairs(args, {"runs": None, "out": "runs/report", "title": ""})
+    if not opts["runs"]:
+        raise UsageError("report needs runs=<run dir>,<run dir>,… (bc, resfit, rlpd, resppo runs)")
+    return report([r for r in opts["runs"].split(",") if r], opts["out"], opts["title"])
 
 
 def cmd_bench(args: list[str]) -> None:
@@ -105,7 +144,15 @@ def cmd_bench(args: list[str]) -> None:
     bench_main(args)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+def cmd_deploy(args: list[str]) -> None:
+    from robotrl.deploy import main as deploy_main
+    code = deploy_main(args)
+    if code:
+        raise SystemExit(code)   # a node failed: the graph's exit status is the command's
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
+            "deploy": cmd_deploy, "demos": cmd_demos, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     from real.robot_spec import SpecError
     from robotrl.checkpoint import CheckpointError
     from robotrl.algos.ppo import NonFiniteError
+    from omegaconf.errors import OmegaConfBaseException  # config keys and types: the message names the key
     try:
         COMMANDS[cmd](rest)
     except (UsageError, ValueError, SpecError, ArtifactError, ManifestMismatch, CheckpointError,
-            NonFiniteError, FileNotFoundError) as e:
+            NonFiniteError, FileNotFoundError, OmegaConfBaseException) as e:
         print(f"robotrl {cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,9 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     from robotrl.runner import build
     ckpt = load_checkpoint(run)
     cfg = OmegaConf.create(ckpt["config"])
+    from robotrl.offpolicy import export_offpolicy, is_offpolicy
+    if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
+        return export_offpolicy(run, out)
     env, algo = build(cfg, num_envs=1)
     algo.model.load_state_dict(ckpt["model"])
     run_dir = Path(cfg.run_dir)

@@ -1,0 +1,1 @@
+"""rclpy nodes around robotrl's robot side (real/, firmware_bridge/; sim/ only in firmware_node)."""

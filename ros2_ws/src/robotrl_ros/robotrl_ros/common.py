@@ -1,0 +1,115 @@
+"""What the three nodes share: typed, validated parameters; diagnostics; and one `main` that
+refuses to start with a clear log and a non-zero exit, spins, and shuts down cleanly."""
+from __future__ import annotations
+
+import gc
+import signal
+import sys
+from typing import Callable
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+
+from firmware_bridge import ProtocolVersionError
+from real.hardware import HardwareError
+from real.robot_spec import SpecError
+from robotrl_ros.messages import TOPICS
+
+
+class ConfigError(ValueError):
+    """A parameter value the node cannot run with."""
+
+
+# What means "do not start": said once, clearly, then exit 1. A node adds its own (the policy
+# node: artifact errors) through run(refusals=...), so the bridge never imports torch.
+REFUSALS = (ConfigError, SpecError, HardwareError, ProtocolVersionError)
+# Parameter checks for `RobotNode.param(..., *PORT)`.
+PORT = (lambda v: 0 < v < 65536, "a UDP port in 1..65535")
+BIND_PORT = (lambda v: 0 <= v < 65536, "a UDP port in 0..65535 (0: any free one)")
+
+
+class RobotNode(Node):
+    """A node built in __init__ (refusing bad configurations there), whose threads begin in
+    `start()`, with a `failure` (set from any thread when it can no longer run: main then exits
+    non-zero) and a `close()` that leaves the robot passive."""
+
+    failure: str | None = None
+
+    def start(self) -> None:
+        pass
+
+    def param(self, name: str, default, description: str, check: Callable[[object], bool] | None = None,
+              must: str = ""):
+        """Declare a read-only parameter (type from the default) and return its value; raises
+        ConfigError naming the parameter when `check` fails (`must` says what it must be)."""
+        floating = isinstance(default, float)
+        # Doubles accept an integer override (`ramp_s:=1`), which rclpy would refuse as the wrong type.
+        desc = ParameterDescriptor(description=description, read_only=True, dynamic_typing=floating)
+        value = self.declare_parameter(name, default, desc).value
+        if floating:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"parameter '{name}' must be a number, got {value!r}")
+            value = float(value)
+        if check is not None and not check(value):
+            raise ConfigError(f"parameter '{name}' = {value!r}: must be {must}")
+        return value
+
+    def topic_params(self, keys) -> dict[str, str]:
+        return {k: self.param(f"topics.{k}", TOPICS[k], f"name of the {k} topic", bool, "a topic name")
+                for k in keys}
+
+    def close(self) -> None:
+        pass
+
+
+def status(name: str, level: int, message: str, hardware_id: str, values: dict) -> DiagnosticStatus:
+    return DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
+                            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+
+
+OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run(make_node: Callable[[], RobotNode], name: str, argv: list[str] | None = None,
+        refusals: tuple[type[Exception], ...] = ()) -> int:
+    """Build the node, start it, spin it until Ctrl-C / SIGTERM or its failure, close it. rclpy's own
+    signal handlers are off: they would invalidate the context before close() could send the
+    last (damping) messages, so SIGINT and SIGTERM raise KeyboardInterrupt here instead."""
+    rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    log = rclpy.logging.get_logger(name)
+    node, code = None, 0
+    try:
+        node = make_node()
+        # Everything built so far (torch, rclpy, the artifact: ~10^5 objects) lives as long as the
+        # node; a full collection of it would stall every thread, the control loop too, ~0.1 s.
+        gc.collect()
+        gc.freeze()
+        node.start()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while node.failure is None:
+            executor.spin_once(timeout_sec=0.1)
+    except KeyboardInterrupt:
+        pass
+    except REFUSALS + refusals as e:
+        log.fatal(f"refusing to start: {e}")
+        code = 1
+    finally:
+        if node is not None:
+            if node.failure is not None:
+                log.fatal(node.failure)
+                code = 1
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code

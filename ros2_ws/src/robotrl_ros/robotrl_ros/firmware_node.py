@@ -1,0 +1,79 @@
+"""firmware_node: the emulated firmware (sim.emulated_firmware, the robot's MuJoCo twin behind
+the firmware protocol) in real time on UDP, as a node, so a graph runs without a robot.
+
+It speaks only the firmware protocol, exactly as a robot's motor controllers would; ROS is
+used for its parameters, its lifetime and its diagnostics (mode, sim time, applied commands).
+At exit it can save the log of every command it applied (log_path, .npz: t, seq, q_target,
+kp, kd, tau_ff) for checking after a run. The only node that imports sim/ (and MuJoCo).
+"""
+from __future__ import annotations
+
+from diagnostic_msgs.msg import DiagnosticArray
+from std_msgs.msg import Header
+
+from firmware_bridge import Mode
+from real.robot_spec import load_robot
+from robotrl_ros.common import BIND_PORT, OK, PORT, WARN, RobotNode, run, status
+from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig
+
+
+class FirmwareNode(RobotNode):
+    def __init__(self):
+        super().__init__("firmware")
+        p = self.param
+        robot = p("robot", "kid_biped", "robot name under configs/robot/, or a robot YAML path", bool, "non-empty")
+        bind = (p("host", "127.0.0.1", "address to listen on", bool, "non-empty"),
+                p("port", 9000, "UDP port to listen on", *BIND_PORT))
+        peer = (p("peer_host", "127.0.0.1", "address of the robot computer (bridge), where STATE goes", bool,
+                  "non-empty"),
+                p("peer_port", 9001, "UDP port of the robot computer (bridge)", *PORT))
+        config = FirmwareConfig(
+            watchdog_ms=p("watchdog_ms", FirmwareConfig.watchdog_ms, "RUNNING with no valid COMMAND for this "
+                          "long: DAMPING", lambda v: v > 0, "> 0"),
+            state_hz=p("state_hz", 0.0, "STATE rate in Hz; 0: the robot's control rate", lambda v: v >= 0,
+                       ">= 0") or None)
+        self.log_path = p("log_path", "", "save the applied commands to this .npz at exit; empty: do not")
+        diagnostics_hz = p("diagnostics_hz", 2.0, "rate of /diagnostics messages (Hz)", lambda v: v > 0, "> 0")
+        self.spec = spec = load_robot(robot)
+        self.fw = EmulatedFirmware(spec, bind, peer, config)
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0 / diagnostics_hz, self._publish_diagnostics)
+        host, port = self.fw.address
+        self.get_logger().info(f"emulated firmware for '{spec.name}' listening on {host}:{port}, STATE to "
+                               f"{peer[0]}:{peer[1]}, watchdog {config.watchdog_ms:.0f} ms")
+
+    def start(self) -> None:
+        self.fw.start()
+
+    def _publish_diagnostics(self) -> None:
+        if not self.fw.running and self.failure is None:
+            self.failure = "the emulated firmware's thread stopped"
+            return
+        mode = self.fw.mode
+        values = {"mode": mode.name, "sim_time_s": f"{self.fw.sim.time:.3f}", "lag_s": f"{self.fw.lag_s:.3f}",
+                  "applied_commands": len(self.fw.applied_commands()), "rejected_commands": self.fw.sim.rejected,
+                  **{f"link_{k}": v for k, v in vars(self.fw.stats).items()}}
+        level = OK if mode in (Mode.IDLE, Mode.RUNNING) else WARN
+        self._diagnostics.publish(DiagnosticArray(
+            header=Header(stamp=self.get_clock().now().to_msg()),
+            status=[status(f"{self.get_name()}: emulated firmware", level, mode.name, self.spec.name, values)]))
+
+    def close(self) -> None:
+        try:
+            self.fw.close()   # re-raises what killed the firmware thread
+        except Exception as e:
+            self.get_logger().error(f"the emulated firmware had died: {e!r}")
+        self.get_logger().info(f"stopped at sim time {self.fw.sim.time:.2f} s in mode {self.fw.mode.name}, "
+                               f"{len(self.fw.applied_commands())} commands applied, "
+                               f"{self.fw.sim.rejected} rejected, {self.fw.lag_s:.3f} s behind real time")
+        if self.log_path:
+            self.fw.sim.save_log(self.log_path)
+            self.get_logger().info(f"applied-command log saved to {self.log_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(FirmwareNode, "firmware_node", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

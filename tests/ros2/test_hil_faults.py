@@ -1,0 +1,140 @@
+"""Fault injection on the real-robot graph (launch/real.launch.yaml: bridge_node + policy_node
+processes) driving the emulated firmware in this process over UDP loopback. In every case the
+firmware's applied-command log must hold only commands inside the robot's limits."""
+import json
+import math
+import signal
+import time
+
+import pytest
+import torch
+from sensor_msgs.msg import Imu
+
+from firmware_bridge import Mode
+from real.artifact import weights_sha256
+from robotrl.deploy import NodeSpec
+from robotrl_ros.messages import CONTROL_QOS
+from hil_rig import FIRMWARE_WATCHDOG_MS, TIMING, free_udp_port, wait_for
+
+def assert_damped_within_watchdog(fw, probe, t_fault) -> None:
+    """The firmware went passive within its watchdog time (+2 physics steps to notice it) of
+    the last command it applied."""
+    delay = probe.entered(Mode.DAMPING, after=t_fault) - fw.applied_commands()[-1].t
+    assert delay <= FIRMWARE_WATCHDOG_MS / 1e3 + 2 * fw.sim.dt + 1e-9, f"damped {delay * 1e3:.0f} ms after"
+    print(f"firmware damped {delay * 1e3:.0f} ms after the last command")
+
+
+def test_stale_state_damps(hil, artifact):
+    fw, probe, port = hil.firmware()
+    hil.real_graph(artifact, port, fw)
+    hil.run_robot(fw)
+    t_fault = fw.sim.time
+    fw.peer = ("127.0.0.1", free_udp_port())   # STATE frames now go nowhere: the robot computer hears nothing
+    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
+    assert "stale state" in hil.policy("fault")
+    # Commands still flow to the firmware: the policy's DAMPING request reaches it.
+    probe.entered(Mode.DAMPING, after=t_fault)
+    probe.check_applied()
+
+
+def test_nan_observation_damps(hil, artifact):
+    fw, probe, port = hil.firmware()
+    hil.real_graph(artifact, port, fw)
+    hil.run_robot(fw)
+    # A corrupted IMU message: gyro is observation only, so the NaN goes through the policy.
+    t_fault = fw.sim.time
+    pub = hil.ros.node.create_publisher(Imu, "imu", CONTROL_QOS)
+    bad = Imu()
+    bad.orientation.w = 1.0
+    bad.angular_velocity.x = math.nan
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:   # faster than the bridge, so a tick surely reads it
+        bad.header.stamp = hil.ros.node.get_clock().now().to_msg()
+        pub.publish(bad)
+        time.sleep(0.002)
+    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
+    assert "non-finite desired target" in hil.policy("fault")   # it went through the network
+    probe.entered(Mode.DAMPING, after=t_fault)
+    probe.check_applied()
+
+
+@pytest.fixture(scope="module")
+def nan_artifact(artifact, tmp_path_factory):
+    """The artifact with NaN weights (as after a diverged training run), re-hashed so it loads."""
+    extra = {"manifest.json": ""}
+    module = torch.jit.load(str(artifact), _extra_files=extra)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(math.nan)
+    manifest = json.loads(extra["manifest.json"])
+    manifest["hashes"]["weights_sha256"] = weights_sha256(module)
+    path = tmp_path_factory.mktemp("nan") / "nan_policy.pt"
+    torch.jit.save(module, str(path), _extra_files={"manifest.json": json.dumps(manifest)})
+    return path
+
+
+def test_nan_policy_output_damps(hil, nan_artifact):
+    fw, probe, port = hil.firmware()
+    hil.real_graph(nan_artifact, port, fw)
+    hil.start()
+    # The ramp does not use the network; its first RUNNING tick does and must be refused.
+    wait_for(lambda: hil.policy() == "DAMPING", 5.0, "the policy to damp", hil.output)
+    assert "non-finite desired target" in hil.policy("fault")
+    probe.entered(Mode.DAMPING, after=probe.entered(Mode.RUNNING, after=0.0))
+    probe.check_applied(min_count=10)   # the ramp's commands
+
+
+def test_policy_killed_firmware_damps_within_its_watchdog(hil, artifact):
+    fw, probe, port = hil.firmware()
+    graph = hil.real_graph(artifact, port, fw)
+    hil.run_robot(fw)
+    t_fault, trips = fw.sim.time, hil.output().count("no joint command from the policy")
+    graph.procs["policy"].send_signal(signal.SIGKILL)
+    assert_damped_within_watchdog(fw, probe, t_fault)   # the bridge's watchdog is the faster one
+    wait_for(lambda: hil.output().count("no joint command from the policy") > trips, 2.0, "the bridge's watchdog",
+             hil.output)
+    probe.check_applied()
+
+
+def test_bridge_killed_firmware_and_policy_damp(hil, artifact):
+    fw, probe, port = hil.firmware()
+    graph = hil.real_graph(artifact, port, fw)
+    hil.run_robot(fw)
+    t_fault = fw.sim.time
+    graph.procs["bridge"].send_signal(signal.SIGKILL)
+    assert_damped_within_watchdog(fw, probe, t_fault)   # only the firmware's own watchdog is left
+    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
+    assert "stale state" in hil.policy("fault")
+    probe.check_applied()
+
+
+def test_estop_while_running_is_latched(hil, artifact):
+    fw, probe, port = hil.firmware()
+    hil.real_graph(artifact, port, fw)
+    hil.run_robot(fw)
+    t_fault = fw.sim.time
+    assert hil.ros.call("/policy/estop").success
+    t_estop = probe.entered(Mode.ESTOP, after=t_fault)
+    wait_for(lambda: hil.policy() == "ESTOP", 3.0, "the policy's ESTOP", hil.output)
+    for service in ("/policy/start", "/policy/damp"):
+        response = hil.ros.call(service)
+        assert not response.success and "ESTOP is latched" in response.message, response.message
+    assert hil.ros.call("/policy/reset").success   # the policy may reset; the firmware stays latched
+    response = hil.ros.call("/policy/start")
+    assert not response.success and "firmware is in ESTOP" in response.message, response.message
+    time.sleep(0.5)
+    assert fw.mode == Mode.ESTOP
+    assert all(c.t <= t_estop for c in fw.applied_commands()), "a command was applied after the e-stop"
+    probe.check_applied()
+
+
+def test_policy_drives_firmware_directly_over_udp(hil, artifact):
+    """hardware=udp: the policy node speaks the firmware protocol itself, no bridge hop."""
+    fw, probe, port = hil.firmware()
+    spec = NodeSpec("robotrl_ros", "policy_node", "policy", params=[
+        ("artifact", str(artifact)), ("hardware", "udp"), ("firmware_port", str(fw.address[1])),
+        ("bind_host", "127.0.0.1"), ("bind_port", str(port)), ("ramp_s", "0.5"),
+        ("max_state_age", str(TIMING["max_state_age"]))])
+    hil.nodes(spec)
+    hil.run_robot(fw)
+    probe.check_applied()
