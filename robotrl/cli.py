@@ -25,6 +25,7 @@ commands:
   demo    [steps=N] [out=<dir>]                      train → export → eval in a fresh process
   demos   task=… n=N [noise=σ] [failures=K] [seed=S] [out=<file.npz>]   record scripted-expert demos
   report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
+  report  <recording.mcap> [out=<dir>]               plots + summary.json of a ROS 2 recording (deploy record:=)
   bench   sim|infer [--json <file>]                  throughput and latency figures
   deploy  <launch file> [name:=value ...]            run a ROS 2 launch file's node graph (--print, --show-args)
 """
@@ -132,6 +133,10 @@ def cmd_demos(args: list[str]) -> Path:
 
 
 def cmd_report(args: list[str]) -> dict:
+    if args and "=" not in args[0]:   # robotrl report <recording.mcap> [out=<dir>]: a ROS 2 recording
+        from robotrl.report import report as report_recording
+        opts, _ = parse_pairs(args[1:], {"out": None})
+        return report_recording(args[0], opts["out"])
     from robotrl.report_resfit import report
     opts, _ = parse_pairs(args, {"runs": None, "out": "runs/report", "title": ""})
     if not opts["runs"]:

@@ -3,8 +3,9 @@ where the `ros2` CLI and launch_ros are not installed (the PyPI ROS 2 wheels hav
 
 The launch file stays the one source of truth: `ros2 launch` reads the same file on a robot
 with full ROS 2. Supported subset: `arg` (name, default, description) and `node` (pkg, exec,
-name, namespace, param name/value, remap from/to, args, output) entries, with `$(var NAME)`
-substitutions; anything else is refused by name rather than silently skipped.
+name, namespace, param name/value, remap from/to, args, output, if, unless) entries, with
+`$(var NAME)` substitutions (a condition is `$(var NAME)`, true/false/1/0, or the emptiness test
+`$(eval "'$(var NAME)' != ''")` / `== ''`); anything else is refused by name rather than silently skipped.
 
 Each node runs as a subprocess of the Python console_script its package declares for `exec`
 (`python -m robotrl_ros.policy_node --ros-args -r __node:=policy -p robot:=kid_biped ...`); its
@@ -36,7 +37,7 @@ USAGE = """usage: robotrl deploy <launch file> [name:=value ...] [--print] [--sh
 
   --print       print each node's command line and exit
   --show-args   list the launch file's arguments and exit"""
-NODE_KEYS = {"pkg", "exec", "name", "namespace", "param", "remap", "args", "output"}
+NODE_KEYS = {"pkg", "exec", "name", "namespace", "param", "remap", "args", "output", "if", "unless"}
 SUBSTITUTION = re.compile(r"\$\(\s*([\w-]+)\s*([^)]*)\)")
 
 
@@ -96,6 +97,28 @@ def _substitute(text: str, values: dict[str, str], where: str) -> str:
                                   f"declared: {', '.join(values) or 'none'}")
         return values[rest]
     return SUBSTITUTION.sub(one, text)
+
+
+VAR = re.compile(r"\$\(\s*var\s+([\w-]+)\s*\)")
+EMPTINESS = re.compile(r"""^\$\(\s*eval\s+"\s*'(.*)'\s*(==|!=)\s*''\s*"\s*\)$""", re.S)
+
+
+def _condition(text, values: dict[str, str], where: str) -> bool:
+    """The truth of an `if:` / `unless:` value as ros2 launch would evaluate it (for the forms
+    deploy supports: true/false/1/0 after $(var) substitution, and the emptiness $(eval) test)."""
+    def var(m: re.Match) -> str:
+        if m.group(1) not in values:
+            raise LaunchFileError(f"{where}: $(var {m.group(1)}) names no argument declared before it")
+        return values[m.group(1)]
+    text = VAR.sub(var, str(text).strip()) if not isinstance(text, bool) else str(text).lower()
+    if m := EMPTINESS.match(text):
+        return (m.group(1) == "") == (m.group(2) == "==")
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise LaunchFileError(f"{where}: condition '{text}' is not true/false/1/0 (deploy evaluates $(var NAME) and "
+                          f"$(eval \"'$(var NAME)' != ''\") conditions)")
 
 
 def _param_text(value, values: dict[str, str], where: str) -> str:
@@ -164,6 +187,11 @@ def load_launch(path: str | Path, overrides: dict[str, str] | None = None) -> li
                 raise LaunchFileError(f"{path}: argument '{name}' is required ({body.get('description', '')}); "
                                       f"pass {name}:=<value>")
             continue
+        where = f"{path}: node '{body.get('name', body.get('exec'))}'"
+        if "if" in body and not _condition(body["if"], values, f"{where} 'if'"):
+            continue
+        if "unless" in body and _condition(body["unless"], values, f"{where} 'unless'"):
+            continue
         nodes.append(_node(body, values, path))
     seen = [n.name for n in nodes]
     dupes = sorted({n for n in seen if seen.count(n) > 1})
@@ -182,6 +210,7 @@ def _node(body: dict, values: dict[str, str], path: Path) -> NodeSpec:
             raise LaunchFileError(f"{where}: '{key}' is required")
     sub = lambda v: _substitute(str(v), values, where)  # noqa: E731
     params = []
+    body = {k: v for k, v in body.items() if k not in ("if", "unless")}   # evaluated by load_launch
     for p in body.get("param") or []:
         if not isinstance(p, dict) or "name" not in p or "value" not in p:
             raise LaunchFileError(f"{where}: each param needs 'name' and 'value' (param files via 'from' are "

@@ -30,6 +30,7 @@ setup(
             f"policy_node = {PACKAGE}.policy_node:main",
             f"bridge_node = {PACKAGE}.bridge_node:main",
             f"firmware_node = {PACKAGE}.firmware_node:main",
+            f"recorder_node = {PACKAGE}.recorder_node:main",
         ],
     },
 )
