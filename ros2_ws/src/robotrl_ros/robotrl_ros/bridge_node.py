@@ -18,6 +18,7 @@ from __future__ import annotations
 import select
 import threading
 import time
+import zlib
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
@@ -27,7 +28,8 @@ from std_msgs.msg import Float64MultiArray, Header, UInt8
 from firmware_bridge import Mode
 from real.hardware import FirmwareHardware, HardwareState, JointCommand
 from real.robot_spec import load_robot
-from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, REFUSALS, WARN, RobotNode, run, status
+from robotrl_ros.common import (BIND_PORT, ERROR, OK, PORT, REFUSALS, WARN, RobotNode, run, save_trace, status,
+                                trace_dir)
 from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, command_from_msg, state_to_msgs
 
 
@@ -57,6 +59,9 @@ class BridgeNode(RobotNode):
         self.counts = dict(states=0, commands=0, bad_commands=0, watchdog_trips=0)
         self._counts_seen, self._diag_t = dict(self.counts), time.monotonic()
         self._last_state: HardwareState | None = None
+        # Benchmark only (common.TRACE_ENV): (state stamp ns, STATE read monotonic ns, published
+        # monotonic ns) per state and (command data CRC, COMMAND sent monotonic ns) per command.
+        self._trace = ([], []) if trace_dir() else None
 
         self._js_pub = self.create_publisher(JointState, topics["joint_states"], CONTROL_QOS)
         self._imu_pub = self.create_publisher(Imu, topics["imu"], CONTROL_QOS)
@@ -83,6 +88,7 @@ class BridgeNode(RobotNode):
                 state = self.hw.read()   # raises on another protocol version or motor count
                 if state is None or state is self._last_state:
                     continue
+                t_rx = time.monotonic_ns() if self._trace else 0
                 if self._last_state is None or state.firmware_mode != self._last_state.firmware_mode:
                     self._mode_pub.publish(UInt8(data=state.firmware_mode))
                 self._last_state = state
@@ -91,6 +97,9 @@ class BridgeNode(RobotNode):
                                         self.imu_frame, bool(self.spec.imu_body))
                 self._js_pub.publish(js)
                 self._imu_pub.publish(imu)
+                if self._trace:
+                    self._trace[0].append((js.header.stamp.sec * 10**9 + js.header.stamp.nanosec, t_rx,
+                                           time.monotonic_ns()))
                 self._watchdog(state)
         except REFUSALS as e:
             self.failure = f"refusing to run: {e}"
@@ -124,6 +133,8 @@ class BridgeNode(RobotNode):
             return
         with self._send_lock:
             self.hw.write(cmd)
+        if self._trace:
+            self._trace[1].append((zlib.crc32(msg.data), time.monotonic_ns()))
         self._last_command_t = time.monotonic()
         self.counts["commands"] += 1
         if not self._forwarding:
@@ -171,6 +182,9 @@ class BridgeNode(RobotNode):
                 self._damp(self._last_state)
                 time.sleep(0.005)
         self.hw.close()
+        if self._trace:
+            save_trace("bridge_states", self._trace[0], ("stamp_ns", "rx_ns", "pub_ns"))
+            save_trace("bridge_commands", self._trace[1], ("crc", "sent_ns"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ refuses to start with a clear log and a non-zero exit, spins, and shuts down cle
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import sys
 from typing import Callable
@@ -18,6 +19,24 @@ from firmware_bridge import ProtocolVersionError
 from real.hardware import HardwareError
 from real.robot_spec import SpecError
 from robotrl_ros.messages import TOPICS
+
+
+# Benchmark-only latency trace (robotrl.bench_ros): when this environment variable names a
+# folder, bridge_node and TopicHardware keep CLOCK_MONOTONIC (system-wide, so comparable between
+# processes) timestamps of each state and command in memory and save them there at exit. Unset
+# (always, outside the benchmark): nothing is recorded and nothing changes.
+TRACE_ENV = "ROBOTRL_LATENCY_TRACE"
+
+
+def trace_dir() -> str | None:
+    return os.environ.get(TRACE_ENV) or None
+
+
+def save_trace(name: str, rows: list, columns: tuple[str, ...]) -> None:
+    """Write the trace rows (tuples of int64) to $ROBOTRL_LATENCY_TRACE/<name>.npz, one array per column."""
+    import numpy as np
+    data = np.array(rows, dtype=np.int64).reshape(-1, len(columns))
+    np.savez(os.path.join(trace_dir(), f"{name}.npz"), **{c: data[:, i] for i, c in enumerate(columns)})
 
 
 class ConfigError(ValueError):

@@ -31,6 +31,7 @@ from real.artifact import ArtifactError, ManifestMismatch, load_artifact
 from real.controller import Controller
 from real.hardware import FirmwareHardware
 from real.robot_spec import load_robot
+from real.rt_loop import RateLoop
 from real.state_machine import Mode, TransitionError
 from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, WARN, ConfigError, RobotNode, run, status
 from robotrl_ros.messages import CONTROL_QOS
@@ -71,6 +72,10 @@ class PolicyNode(RobotNode):
                         lambda v: 0 <= v <= 99, "in 0..99")
         cpu = p("cpu", -1, "pin the control thread to this CPU; -1: no pinning", lambda v: v >= -1, ">= -1")
         lock_memory = p("lock_memory", False, "mlockall the process (no page faults in the loop)")
+        bench_loop_hz = p("bench_loop_hz", 0.0, "BENCHMARK ONLY (robotrl bench loop), never on a robot: run "
+                          "the control loop's ticks at this rate instead of the robot's, to time the loop "
+                          "with ROS in the path; the policy and its gait clock still assume the robot's "
+                          "rate, so it does not walk. 0: the robot's rate", lambda v: v >= 0, ">= 0")
         firmware = (p("firmware_host", "127.0.0.1", "hardware=udp: address of the firmware", bool, "non-empty"),
                     p("firmware_port", 9000, "hardware=udp: UDP port of the firmware", *PORT))
         bind = (p("bind_host", "0.0.0.0", "hardware=udp: local address the firmware sends STATE to", bool,
@@ -107,8 +112,13 @@ class PolicyNode(RobotNode):
         self._overruns_seen = 0
         self._rt_logged = False
         warm_up(art)
-        self.loop = self.controller.loop(rt_priority=rt_priority or None, cpus=None if cpu < 0 else [cpu],
-                                         lock_memory=lock_memory)
+        rt = dict(rt_priority=rt_priority or None, cpus=None if cpu < 0 else [cpu], lock_memory=lock_memory)
+        if bench_loop_hz:
+            self.get_logger().warning(f"bench_loop_hz: the control loop runs at {bench_loop_hz} Hz, not the "
+                                      f"robot's {spec.control_hz} Hz (benchmark only)")
+            self.loop = RateLoop(lambda: self.controller.tick(), bench_loop_hz, name=f"{spec.name}_control", **rt)
+        else:
+            self.loop = self.controller.loop(**rt)
         self.create_timer(1.0 / diagnostics_hz, self._publish_diagnostics)
         self._ready = (f"running {art.path} on '{spec.name}' at {spec.control_hz} Hz over {hardware}; "
                        f"mode {self.controller.mode.name}: call ~/start to ramp and run")

@@ -1,0 +1,16 @@
+"""robotrl.bench_ros smoke test: the sim-in-the-loop graph in its own ROS domain, started,
+timed for 2 s at the robot's rate (50 Hz) and stopped cleanly; every figure comes back finite."""
+import math
+
+from robotrl import WALK_ARTIFACT
+from robotrl.bench_ros import ros_loop_stats
+
+
+def test_ros_loop_stats_smoke():
+    r = ros_loop_stats(50.0, 2.0, WALK_ARTIFACT)
+    for key in ("ros_latency_p50_us", "ros_latency_p99_us", "tick_wait_p99_us", "ros_latency_total_p99_us",
+                "ros_lateness_p50_us", "ros_lateness_p99_us"):
+        assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert r["ros_latency_p50_us"] <= r["ros_latency_p99_us"] <= r["ros_latency_max_us"], r
+    assert math.isfinite(r["ros_mean_period_error"]) and r["ros_overruns"] >= 0, r
+    assert r["ros_latency_samples"] >= 0.5 * 2.0 * 50, r   # most states' commands were paired
