@@ -51,8 +51,8 @@ class ResFiTConfig:
     actor_updates: int = 1           # (delayed) actor updates per environment step
     nstep: int = 3
     gamma: float = 0.99
-    actor_lr: float = 1e-4
-    critic_lr: float = 3e-4
+    actor_lr: float = 3e-6
+    critic_lr: float = 1e-4
     weight_decay: float = 0.0        # AdamW
     tau: float = 0.005               # Polyak averaging of the targets
     target_actor: bool = True        # TD3-style target actor (false: the online actor gives a')
