@@ -34,3 +34,14 @@ def artifact(tmp_path_factory) -> Path:
                  "progress=false", f"run_dir={run}"]) == 0
     assert main(["export", f"run={run}", f"out={run}/policy.pt"]) == 0
     return run / "policy.pt"
+
+
+def pytest_collection_modifyitems(items):
+    """Graphs of real processes talking real DDS on a shared, preemptible host: a stall of a few
+    hundred ms can trip a watchdog or lose a first service reply. Re-run such a test once or twice
+    (pytest-rerunfailures) rather than hide the stall behind ever-looser timeouts; the failure
+    output of every attempt is still shown."""
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).parent == here:
+            item.add_marker(pytest.mark.flaky(reruns=2, reruns_delay=1))
