@@ -47,14 +47,16 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     active = np.ones(n, dtype=bool)
     while len(returns) < episodes:
         obs, reward, terminated, truncated, info = env.step(art.act(obs))
-        power.append(info["power_w"][active])
+        if "power_w" in info:   # walking tasks report mechanical power; tabletop tasks do not
+            power.append(info["power_w"][active])
         if "vel_error" in info:
             vel_err.append(info["vel_error"][active])
         done = (terminated | truncated) & active
         for i in np.flatnonzero(done):
             returns.append(float(info["episode_return"][i]))
             lengths.append(int(info["episode_length"][i]))
-            energy.append(float(info["episode_energy_j"][i]))
+            if "episode_energy_j" in info:
+                energy.append(float(info["episode_energy_j"][i]))
             ok = bool(info["success"][i]) if "success" in info else not bool(terminated[i])
             successes.append(ok)
             falls += int(terminated[i]) if "success" not in info else 0
@@ -64,8 +66,8 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     result = {"artifact": str(path), "episodes": len(returns), "return_mean": float(np.mean(returns)),
               "return_std": float(np.std(returns)), "success_rate": float(np.mean(successes)), "falls": falls,
               "episode_length_mean": float(np.mean(lengths)),
-              "mean_power_w": float(np.mean(np.concatenate(power))),
-              "episode_energy_j_mean": float(np.mean(energy)),
+              "mean_power_w": float(np.mean(np.concatenate(power))) if power else None,
+              "episode_energy_j_mean": float(np.mean(energy)) if energy else None,
               "task": task_cfg.name, "overrides": list(overrides or []), "command": cmd, "seed": seed}
     if vel_err:
         result["vel_tracking_error"] = float(np.mean(np.concatenate(vel_err)))
