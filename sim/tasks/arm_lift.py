@@ -251,7 +251,9 @@ class ArmLift:
         return obs.copy(), critic
 
     # ---- step ----
-    def step(self, actions: np.ndarray):
+    def _advance(self, actions: np.ndarray) -> dict:
+        """Apply the joint-target deltas, step one control period, and return the step's
+        quantities (shared by every tabletop task built on this one)."""
         r, c, sim = self.robot, self.cfg, self.sim
         actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), -c.action_clip, c.action_clip)
         self.action[:] = actions
@@ -263,11 +265,15 @@ class ArmLift:
         sim.step(self._ctrl)
         self._read_sensors(slice(None), sim.sensordata[:, -1])
         self.steps += 1
-
         s = self._quantities(noisy=False)
         s["cube_height"] = s["cube_pos"][:, 2] - c.cube.size / 2
         s["lift_height"] = c.lift_height
         s["grasped"] = self.pad_contact.all(axis=1)
+        return s
+
+    def step(self, actions: np.ndarray):
+        c, sim = self.cfg, self.sim
+        s = self._advance(actions)
         self.held = np.where(s["grasped"] & (s["cube_height"] >= c.lift_height), self.held + 1, 0)
         s["success"] = self.held >= self.hold_steps
         if c.reward_mode == "sparse":

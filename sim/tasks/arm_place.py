@@ -230,21 +230,8 @@ class ArmPlace(arm_lift.ArmLift):
         return np.concatenate(parts, axis=-1).astype(np.float32)
 
     def step(self, actions: np.ndarray):
-        r, c, sim = self.robot, self.cfg, self.sim
-        actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), -c.action_clip, c.action_clip)
-        self.action[:] = actions
-        new_target = np.clip(self.target + self.scale * actions, r.q_lower, r.q_upper)
-        delayed = self._substep_index < self.delay[:, None, None]
-        self._ctrl[:] = np.where(delayed, self.target[:, None, :], new_target[:, None, :])
-        self.target[:] = new_target
-        sim.step(self._ctrl)
-        self._read_sensors(slice(None), sim.sensordata[:, -1])
-        self.steps += 1
-
-        s = self._quantities(noisy=False)
-        s["cube_height"] = s["cube_pos"][:, 2] - c.cube.size / 2
-        s["lift_height"] = c.lift_height
-        s["grasped"] = self.pad_contact.all(axis=1)
+        c, sim = self.cfg, self.sim
+        s = self._advance(actions)
         on_target = np.linalg.norm(s["cube_pos"][:, :2] - s["target_pos"][:, :2], axis=1) <= c.place_tolerance
         resting = (s["cube_height"] < 0.005) & (np.linalg.norm(sim.qvel[:, self.cube_dadr:self.cube_dadr + 3], axis=1) < 0.05)
         released = ~self.pad_contact.any(axis=1)
