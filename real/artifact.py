@@ -1,14 +1,13 @@
 """Loading a policy artifact on the robot computer, and checking it against the robot.
 
 An artifact is one TorchScript file. Its module maps the observation vector to the policy
-action (`forward`), the action to joint targets (`command`), and clears any internal state
-(`reset`). Its manifest (manifest.json inside the archive) says how to build the observation,
+action (`forward`), the action to joint targets (`command`), does both in one call (`step`,
+what a control tick runs), and clears any internal state (`reset`). Its manifest (manifest.json inside the archive) says how to build the observation,
 what the action means, and which robot, rates and gains it was trained for.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 import zipfile
@@ -20,7 +19,8 @@ import torch
 from real.robot_spec import RobotSpec
 
 FORMAT = "robotrl-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # v2: the module has `step` (one call per control tick)
+METHODS = ("forward", "command", "step", "reset")
 
 
 class ArtifactError(RuntimeError):
@@ -55,8 +55,22 @@ class Artifact:
     def command(self, action: np.ndarray) -> np.ndarray:
         return self.module.command(torch.as_tensor(action, dtype=torch.float32)).numpy().astype(np.float64)
 
+    @torch.no_grad()
+    def step(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One control tick: (policy action, joint position targets), in one scripted call."""
+        action, q_target = self.module.step(torch.as_tensor(obs, dtype=torch.float32))
+        return action.numpy(), q_target.numpy().astype(np.float64)
+
     def reset(self) -> None:
         self.module.reset()
+
+    def warm_up(self, calls: int = 5) -> None:
+        """TorchScript optimises a graph on its first calls (~0.1 s): make them before a control
+        loop starts, not in its first tick, where the stall would trip the watchdogs."""
+        obs = np.zeros(self.manifest["observation"]["size"], dtype=np.float32)
+        for _ in range(calls):
+            self.step(obs)
+        self.reset()
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -83,10 +97,13 @@ def load_artifact(path: str | Path) -> Artifact:
     manifest = json.loads(extra["manifest.json"])
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: manifest format {manifest.get('format')} v{manifest.get('format_version')}, "
-                            f"this runtime reads {FORMAT} v{FORMAT_VERSION}")
+                            f"this runtime reads {FORMAT} v{FORMAT_VERSION}; re-export it with `robotrl export`")
     expected = manifest.get("hashes", {}).get("weights_sha256")
     if expected != weights_sha256(module):
         raise ArtifactError(f"{path}: weights do not match the manifest's weights_sha256 (file altered or corrupt)")
+    missing = [m for m in METHODS if not hasattr(module, m)]
+    if missing:
+        raise ArtifactError(f"{path}: the module lacks {missing}; an artifact module has {list(METHODS)}")
     module.eval()
     return Artifact(module, manifest, path)
 

@@ -99,8 +99,7 @@ class Controller:
             obs = self.builder(RobotState(q=q, dq=dq, quat=s.quat_wxyz, gyro=s.gyro, command=command,
                                           phase=np.asarray(self.phase), last_action=self.last_action,
                                           q_default=self.spec.q_default))
-            action = self.artifact.act(obs)
-            q_des = self.artifact.command(action)       # NaN here is caught by the safety filter
+            action, q_des = self.artifact.step(obs)     # NaN here is caught by the safety filter
             self.last_action = action.astype(np.float64)
             if self.gait_period > 0:
                 self.phase = (self.phase + 1.0 / (self.spec.control_hz * self.gait_period)) % 1.0

@@ -109,25 +109,50 @@ def bench_ppo(steps: int) -> tuple[float, float | None]:
 
 
 def bench_infer(artifact: str | None, calls: int) -> dict:
+    """Latency of one control tick's policy call (`Artifact.step`: observation → action and joint
+    targets), interleaved in blocks with a baseline: a bare scripted MLP of the same layer sizes
+    (the floor for this network on this machine), when the artifact is an MLP policy."""
     import torch
     from real.artifact import load_artifact
     from robotrl import WALK_ARTIFACT
+    from robotrl.networks import mlp
     path = artifact or str(WALK_ARTIFACT)
     art = load_artifact(path)
     torch.set_num_threads(1)
     obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
-    lat = np.empty(calls)
-    for _ in range(200):
-        art.command(art.act(obs))
-    for i in range(calls):
-        t0 = time.perf_counter_ns()
-        art.command(art.act(obs))
-        lat[i] = (time.perf_counter_ns() - t0) / 1e3
-    res = {"artifact": path, "calls": calls, "latency_median_us": float(np.median(lat)),
-           "latency_p99_us": float(np.percentile(lat, 99)), "latency_max_us": float(lat.max())}
-    _table("bench infer (observation → joint targets, one call)",
-           [("median", f"{res['latency_median_us']:.1f} µs", ""), ("p99", f"{res['latency_p99_us']:.1f} µs", "goal ≤ 150 µs"),
-            ("max", f"{res['latency_max_us']:.1f} µs", "")])
+    variants = {"artifact": lambda: art.step(obs)}
+    weights = [v for k, v in art.module.state_dict().items() if k.startswith("actor.") and k.endswith(".weight")]
+    if weights:
+        bare = torch.jit.script(mlp([weights[0].shape[1], *[w.shape[0] for w in weights]]).eval())
+        x = torch.as_tensor(obs)
+
+        @torch.no_grad()
+        def baseline():
+            bare(x).numpy()
+        variants["bare MLP"] = baseline
+    lat = {k: np.empty(calls) for k in variants}
+    for fn in variants.values():
+        for _ in range(200):
+            fn()
+    block = 500
+    for start in range(0, calls, block):   # interleaved, so both see the same machine noise
+        for k, fn in variants.items():
+            for i in range(start, min(start + block, calls)):
+                t0 = time.perf_counter_ns()
+                fn()
+                lat[k][i] = (time.perf_counter_ns() - t0) / 1e3
+    a = lat["artifact"]
+    res = {"artifact": path, "calls": calls, "latency_median_us": float(np.median(a)),
+           "latency_p99_us": float(np.percentile(a, 99)), "latency_max_us": float(a.max())}
+    rows = [("median", f"{res['latency_median_us']:.1f} µs", ""),
+            ("p99", f"{res['latency_p99_us']:.1f} µs", "goal ≤ 150 µs"), ("max", f"{res['latency_max_us']:.1f} µs", "")]
+    if "bare MLP" in lat:
+        b = lat["bare MLP"]
+        res.update(bare_mlp_median_us=float(np.median(b)), bare_mlp_p99_us=float(np.percentile(b, 99)),
+                   artifact_over_bare_median=float(np.median(a) / np.median(b)))
+        rows.append(("bare scripted MLP, same sizes", f"{res['bare_mlp_median_us']:.1f} µs median",
+                     f"p99 {res['bare_mlp_p99_us']:.1f} µs; artifact/bare {res['artifact_over_bare_median']:.2f}×"))
+    _table("bench infer (observation → action + joint targets, one tick)", rows)
     return res
 
 

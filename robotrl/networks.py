@@ -1,6 +1,8 @@
 """Networks shared by the algorithms: MLPs, a running observation normaliser, the Gaussian actor."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import nn
 
@@ -83,15 +85,25 @@ class ActorCritic(nn.Module):
 
 
 class MlpDeployPolicy(nn.Module):
-    """What runs on the robot: normalise → actor mean → clip; `command` maps an action to joint
-    position targets (offset + scale·action, clipped to the joint limits)."""
+    """What runs on the robot: `forward` (observation → clipped actor mean), `command` (action →
+    joint position targets: offset + scale·action, clipped to the joint limits) and `step`
+    (both in one call, what the control loop runs every tick).
+
+    The normaliser is folded into the first layer (clip the raw observation to mean ± clip·std,
+    then W/std): the same function with two fewer ops per tick, which matters at ~5 µs per op."""
 
     def __init__(self, policy: ActorCritic, manifest: dict):
         super().__init__()
         import copy
-        act, robot = manifest["action"], manifest["robot"]
-        self.obs_norm = copy.deepcopy(policy.obs_norm)
+        act, robot, norm = manifest["action"], manifest["robot"], policy.obs_norm
+        std = torch.sqrt(norm.var + norm.eps)
+        self.register_buffer("obs_lower", (norm.mean - norm.clip * std).detach().clone())
+        self.register_buffer("obs_upper", (norm.mean + norm.clip * std).detach().clone())
         self.actor = copy.deepcopy(policy.actor)
+        first = self.actor[0]
+        with torch.no_grad():
+            first.weight.div_(std)
+            first.bias.sub_(first.weight @ norm.mean)
         self.register_buffer("offset", torch.tensor(act["offset"], dtype=torch.float32))
         self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
         self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
@@ -99,11 +111,16 @@ class MlpDeployPolicy(nn.Module):
         self.clip = float(act["clip"])
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.actor(self.obs_norm(obs)), -self.clip, self.clip)
+        return torch.clamp(self.actor(torch.clamp(obs, self.obs_lower, self.obs_upper)), -self.clip, self.clip)
 
     @torch.jit.export
     def command(self, action: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.offset + self.scale * action, self.q_lower, self.q_upper)
+        return torch.clamp(torch.add(self.offset, action, alpha=self.scale), self.q_lower, self.q_upper)
+
+    @torch.jit.export
+    def step(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        action = self.forward(obs)
+        return action, self.command(action)
 
     @torch.jit.export
     def reset(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -545,8 +545,8 @@ class NoResidual(nn.Module):
 
 class DeployPolicy(nn.Module):
     """Base chunk queue + residual as one TorchScript module for one robot: forward(obs [obs])
-    -> action [A] (env units, clipped); command(action) -> joint position targets; reset()
-    empties the chunk queue (call it at every episode start).
+    -> action [A] (env units, clipped); command(action) -> joint position targets; step(obs) ->
+    both in one call; reset() empties the chunk queue (call it at every episode start).
 
     The task's action is a joint-target delta (target <- clip(target + scale·action, limits)),
     so `command` needs the previous target: it is read from the observation's `joint_target`
@@ -598,6 +598,11 @@ class DeployPolicy(nn.Module):
         if not self.from_target:
             self.target = q
         return q
+
+    @torch.jit.export
+    def step(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        action = self.forward(obs)
+        return action, self.command(action)
 
     @torch.jit.export
     def reset(self) -> None:

@@ -94,7 +94,8 @@ def test_nan_policy_output_damps(tiny_artifact):
     spec, twin, hw, ctl, tick = make(tiny_artifact)
     ctl.start()
     tick(15)
-    ctl.artifact.act = lambda obs: np.full(spec.n_joints, np.nan, dtype=np.float32)  # a broken network
+    nan = np.full(spec.n_joints, np.nan)
+    ctl.artifact.step = lambda obs: (nan.astype(np.float32), nan)  # a broken network
     tick(2)
     assert ctl.mode is Mode.DAMPING
     assert_within_limits(spec, twin)

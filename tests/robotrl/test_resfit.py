@@ -240,11 +240,10 @@ def _episode_through_artifact(path, run_base, actor, task_overrides, seed=0, ste
     ref = base_act_fn(ref_base, actor, 1.0)
     worst, refills = 0.0, 0
     for t in range(steps):
-        a = art.act(obs)
+        a, target = art.step(obs)             # what a control tick runs
         r = ref(torch.as_tensor(obs)[None])[0]
         refills += int(ref_base.chunks.index[0] == 1)
         worst = max(worst, float(np.abs(a - r).max()))
-        target = art.command(a)
         obs, _, terminated, truncated, _ = env.step(a)
         np.testing.assert_allclose(target, env.task.target[0], atol=1e-5)   # command() = the twin's joint targets
         if terminated or truncated:

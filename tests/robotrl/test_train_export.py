@@ -56,6 +56,10 @@ def test_export_parity_and_manifest(artifact):
     targets = art.command(np.full(10, 100.0))
     spec = load_robot("kid_biped")
     assert np.all(targets <= spec.q_upper + 1e-6) and np.all(targets >= spec.q_lower - 1e-6)
+    obs = np.random.default_rng(0).normal(size=m["observation"]["size"]).astype(np.float32) * 5
+    action, q_target = art.step(obs)   # the control tick's one call = forward then command
+    np.testing.assert_allclose(action, art.act(obs), atol=1e-6)
+    np.testing.assert_allclose(q_target, art.command(action), atol=1e-6)
 
 
 def test_artifact_loads_without_training_stack(artifact):

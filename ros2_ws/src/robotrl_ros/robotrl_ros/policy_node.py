@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Twist
@@ -39,15 +38,6 @@ from robotrl_ros.topic_hardware import TopicHardware
 
 SAFETY_LEVEL = {Mode.IDLE: OK, Mode.RAMP: OK, Mode.RUNNING: OK, Mode.DAMPING: WARN, Mode.ESTOP: ERROR}
 positive = (lambda v: v > 0, "> 0")
-
-
-def warm_up(art, calls: int = 5) -> None:
-    """TorchScript optimises a graph on its first calls (~0.1 s here): do them now, not in the
-    first RUNNING tick, where the stall would trip the watchdogs."""
-    obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
-    for _ in range(calls):
-        art.command(art.act(obs))
-    art.reset()
 
 
 class PolicyNode(RobotNode):
@@ -111,7 +101,7 @@ class PolicyNode(RobotNode):
         self._last_event = None
         self._overruns_seen = 0
         self._rt_logged = False
-        warm_up(art)
+        art.warm_up()
         rt = dict(rt_priority=rt_priority or None, cpus=None if cpu < 0 else [cpu], lock_memory=lock_memory)
         if bench_loop_hz:
             self.get_logger().warning(f"bench_loop_hz: the control loop runs at {bench_loop_hz} Hz, not the "
