@@ -193,7 +193,7 @@ class HumanoidWalk:
         self.rng = np.random.default_rng(seed)
 
     def reset(self, ids: np.ndarray) -> None:
-        r, c, rng = self.robot, self.cfg, self.rng
+        r, rng = self.robot, self.rng
         for i in ids:
             sample = self.randomizer.apply(self.sim.models[i], rng)
             self.dr_params[i] = (sample["friction"], sample["mass_scale"], sample["motor_strength"])
@@ -269,18 +269,7 @@ class HumanoidWalk:
         if resample.any():
             self._sample_commands(np.flatnonzero(resample))
 
-        quat = sim.qpos[:, 3:7]
-        gravity = projected_gravity(quat)
-        lin_vel = quat_rotate_inverse(quat, sim.qvel[:, :3])
-        q = sim.qpos[:, self.qadr]
-        left_stance = self.phase < 0.5   # the clock's first half (sin >= 0): left foot down, right swings
-        s = {"stance": np.stack([left_stance, ~left_stance], axis=1), "command": self.command, "lin_vel": lin_vel, "ang_vel": sim.qvel[:, 3:6], "gravity": gravity,
-             "height": sim.qpos[:, 2], "nominal_height": c.nominal_height,
-             "contact": self.contact, "foot_height": self.foot_z, "clearance": c.foot_clearance_m,
-             "action": self.action, "last_action": self.last_action, "joint_offset": q - r.q_default,
-             "lateral_joints": self.lateral_joints}
-        terms = {name: w * REWARDS[name](s) for name, w in c.reward.items()}
-        reward = sum(terms.values()) * self.dt
+        reward, terms, gravity, lin_vel = self._reward()
         tilt = np.arccos(np.clip(-gravity[:, 2], -1.0, 1.0))
         terminated = (sim.qpos[:, 2] < c.terminate_height) | (tilt > c.terminate_tilt) | ~np.isfinite(sim.state).all(axis=1)
         self.history[:, :-1] = self.history[:, 1:]
@@ -290,6 +279,37 @@ class HumanoidWalk:
                 "yaw_rate_error": np.abs(self.command[:, 2] - sim.qvel[:, 5]),
                 **{f"reward/{k}": v * self.dt for k, v in terms.items()}}
         return reward, terminated, info
+
+    def _reward(self):
+        """The step's reward from the current state, contacts, gait phase, command and actions."""
+        r, c, sim = self.robot, self.cfg, self.sim
+        quat = sim.qpos[:, 3:7]
+        gravity = projected_gravity(quat)
+        lin_vel = quat_rotate_inverse(quat, sim.qvel[:, :3])
+        q = sim.qpos[:, self.qadr]
+        left_stance = self.phase < 0.5   # the clock's first half (sin >= 0): left foot down, right swings
+        s = {"stance": np.stack([left_stance, ~left_stance], axis=1), "command": self.command, "lin_vel": lin_vel,
+             "ang_vel": sim.qvel[:, 3:6], "gravity": gravity, "height": sim.qpos[:, 2], "nominal_height": c.nominal_height,
+             "contact": self.contact, "foot_height": self.foot_z, "clearance": c.foot_clearance_m,
+             "action": self.action, "last_action": self.last_action, "joint_offset": q - r.q_default,
+             "lateral_joints": self.lateral_joints}
+        terms = {name: w * REWARDS[name](s) for name, w in c.reward.items()}
+        return sum(terms.values()) * self.dt, terms, gravity, lin_vel
+
+    def score(self, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray, phases: np.ndarray,
+              command: np.ndarray) -> np.ndarray:
+        """This task's per-step reward of a trajectory run outside it (on a robot, through the
+        deploy graph): row t is the state reached after actions[t], with the gait clock at
+        phases[t] (after its advance, as in step). Uses env 0 as scratch."""
+        out = np.zeros(len(qpos))
+        for t in range(len(qpos)):
+            sensors = self.sim.set_state(0, qpos[t], qvel[t])
+            self.contact[0] = sensors[self.sensor_touch] > 0
+            self.foot_z[0] = sensors[self.sensor_foot_z]
+            self.last_action[0] = actions[t - 1] if t else 0.0
+            self.action[0], self.phase[0], self.command[0] = actions[t], phases[t], command
+            out[t] = self._reward()[0][0]
+        return out
 
     def _push(self) -> None:
         c = self.cfg.randomization

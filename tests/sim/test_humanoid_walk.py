@@ -137,3 +137,27 @@ def test_wrong_type_names_the_key():
 def test_unknown_task_lists_available():
     with pytest.raises(ValueError, match="available: .*humanoid_walk"):
         task_config("flying")
+
+
+def test_score_of_a_recorded_trajectory_matches_the_env_reward():
+    """`score` re-evaluates the reward of a run recorded outside the env (the HIL rig uses it): on
+    the env's own trajectory it must give the env's rewards (contacts are read one physics step
+    later than in step, hence the small per-step tolerance)."""
+    env = make("humanoid_walk", randomization={"obs_noise": 0.0, "push_velocity": 0.0},
+               command={"vx": [0.3, 0.3], "vy": [0, 0], "yaw_rate": [0, 0], "resample_s": 20.0})
+    env.reset(seed=3)
+    t, rng = env.task, np.random.default_rng(0)
+    rec = {k: [] for k in ("qpos", "qvel", "action", "phase", "reward")}
+    for _ in range(40):
+        _, r, terminated, _, _ = env.step(rng.uniform(-0.3, 0.3, t.action_size))
+        assert not terminated
+        for k, v in (("qpos", t.sim.qpos[0]), ("qvel", t.sim.qvel[0]), ("action", t.action[0]),
+                     ("phase", t.phase[0]), ("reward", r)):
+            rec[k].append(np.copy(v))
+    got = t.score(*(np.array(rec[k]) for k in ("qpos", "qvel", "action", "phase")), t.command[0].copy())
+    want = np.array(rec["reward"])
+    np.testing.assert_allclose(got, want, atol=0.01)
+    assert abs(got.sum() - want.sum()) < 0.01 * abs(want.sum())
+    # and it is not blind to the trajectory: another command scores lower tracking reward
+    worse = t.score(*(np.array(rec[k]) for k in ("qpos", "qvel", "action", "phase")), np.array([-0.5, 0.0, 0.0]))
+    assert worse.sum() < want.sum() - 0.02
