@@ -48,6 +48,10 @@ class FirmwareConfig:
     watchdog_ms: float = 100.0      # RUNNING with no valid COMMAND for this long -> DAMPING
     state_hz: float | None = None   # real-time STATE rate; None = the robot's control_hz
     log_capacity: int = 100_000     # applied commands kept in memory (the oldest are dropped)
+    # A floating-base robot is started hanging on a gantry and lowered once it stands: > 0 holds
+    # the base at its standing pose until this long after entering RUNNING (set it to the
+    # controller's ramp time); 0 = no gantry (a passive humanoid then collapses before start).
+    gantry_s: float = 0.0
 
 
 class AppliedCommand(NamedTuple):
@@ -113,6 +117,9 @@ class SimulatedFirmware:
         self.dt = self.model.opt.timestep
         self.data.qpos[:] = standing_qpos(self.model, spec)
         mujoco.mj_forward(self.model, self.data)  # sensors read the initial pose
+        floating = self.model.jnt_type[0] == mujoco.mjtJoint.mjJNT_FREE
+        self._gantry = self.data.qpos[:7].copy() if floating and self.config.gantry_s > 0 else None
+        self._running_since = 0.0
         self.temperature = np.full(spec.n_joints, AMBIENT_C)
         self.mode = Mode.IDLE
         self.steps = 0
@@ -147,7 +154,7 @@ class SimulatedFirmware:
             return  # e-stop is latched; repeated requests are idempotent
         self.mode = mode
         self._passive()  # RUNNING too: stay passive until its first command arrives
-        self._last_command_t = self.time  # the watchdog counts from entering RUNNING
+        self._last_command_t = self._running_since = self.time  # the watchdog counts from entering RUNNING
 
     # ---- physics ----
     def step(self) -> None:
@@ -157,6 +164,15 @@ class SimulatedFirmware:
             self._passive()
         mujoco.mj_step(self.model, self.data)
         self.steps += 1
+        if self._gantry is not None:
+            if self.mode == Mode.RUNNING and self.time - self._running_since >= self.config.gantry_s:
+                self._gantry = None   # lowered: the robot stands on its own from here
+            else:
+                self.data.qpos[:7], self.data.qvel[:6] = self._gantry, 0.0
+
+    @property
+    def on_gantry(self) -> bool:
+        return self._gantry is not None
         tau = self.data.actuator_force[self._aids]
         self.temperature += self.dt / THERMAL_TAU_S * (AMBIENT_C + HEAT_C_PER_NM2 * tau**2 - self.temperature)
 
@@ -367,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--watchdog-ms", type=float, default=FirmwareConfig.watchdog_ms)
     p.add_argument("--state-hz", type=float, default=None, help="STATE rate (default: the robot's control_hz)")
     p.add_argument("--log", default=None, help="save the applied commands to this .npz at exit")
+    p.add_argument("--gantry-s", type=float, default=0.0,
+                   help="hold a floating base on a gantry until this long after RUNNING (0: no gantry)")
     args = p.parse_args(argv)
     spec = load_robot(args.robot)
-    config = FirmwareConfig(watchdog_ms=args.watchdog_ms, state_hz=args.state_hz)
+    config = FirmwareConfig(watchdog_ms=args.watchdog_ms, state_hz=args.state_hz, gantry_s=args.gantry_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

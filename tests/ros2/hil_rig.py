@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 # check the mechanisms; the robot's timing comes from its own real-time settings.
 TIMING = {"max_state_age": 0.25, "command_timeout_ms": 250.0}
 FIRMWARE_WATCHDOG_MS = 400.0
+RAMP_S = 0.5
 SPEC = load_robot("kid_biped")
 
 
@@ -105,7 +106,7 @@ class FirmwareProbe:
     torque a command implies can be checked, and the sim time of every mode change."""
 
     def __init__(self, fw: EmulatedFirmware):
-        self.fw, self.measured = fw, {}
+        self.fw, self.measured, self.base = fw, {}, {}
         self.modes = [(0.0, fw.sim.mode)]
         sim = fw.sim
         handle, step = sim.handle_command, sim.step
@@ -113,6 +114,7 @@ class FirmwareProbe:
         def probed_handle(msg, seq):
             s = sim.state()
             self.measured[seq] = (s.position.astype(np.float64), s.velocity.astype(np.float64))
+            self.base[seq] = (sim.data.qpos.copy(), sim.data.qvel.copy())   # full twin state, for scoring
             handle(msg, seq)
 
         def probed_step():
@@ -158,12 +160,13 @@ class Hil:
         self.graphs: list[tuple[Graph, io.StringIO]] = []
         self.firmwares: list[EmulatedFirmware] = []
 
-    def firmware(self, watchdog_ms: float = FIRMWARE_WATCHDOG_MS) -> tuple[EmulatedFirmware, FirmwareProbe, int]:
+    def firmware(self, watchdog_ms: float = FIRMWARE_WATCHDOG_MS, gantry_s: float = 0.0
+                 ) -> tuple[EmulatedFirmware, FirmwareProbe, int]:
         """A real-time emulated firmware on loopback; returns it, its probe and the bridge port
         it sends STATE to."""
         bridge_port = free_udp_port()
         fw = EmulatedFirmware(SPEC, ("127.0.0.1", 0), ("127.0.0.1", bridge_port),
-                              FirmwareConfig(watchdog_ms=watchdog_ms))
+                              FirmwareConfig(watchdog_ms=watchdog_ms, gantry_s=gantry_s))
         probe = FirmwareProbe(fw)
         fw.start()
         self.firmwares.append(fw)
@@ -184,7 +187,7 @@ class Hil:
         """launch/real.launch.yaml (bridge + policy) against an in-process firmware."""
         return self.graph("real.launch.yaml", artifact=artifact, firmware_host="127.0.0.1",
                           firmware_port=fw.address[1], bind_host="127.0.0.1", bridge_port=bridge_port,
-                          ramp_s=0.5, **{**TIMING, **args})
+                          ramp_s=RAMP_S, **{**TIMING, **args})
 
     def output(self) -> str:
         return "".join(out.getvalue() for _, out in self.graphs)

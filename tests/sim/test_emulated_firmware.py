@@ -222,3 +222,31 @@ def test_command_line_process(tmp_path):
     saved = np.load(log)
     assert 5 <= len(saved["seq"]) <= 10 and saved["q_target"].shape[1] == N
     assert list(saved["joint_names"]) == list(SPEC.joint_names)
+
+
+def test_gantry_holds_the_base_until_the_ramp_is_done():
+    """Without a gantry a passive humanoid collapses before anyone starts it; on one it hangs at
+    its standing pose while passive, and is lowered gantry_s after RUNNING, then stands on PD."""
+    def idle_then_run(gantry_s):
+        fw = EmulatedFirmware(SPEC, ("127.0.0.1", 0), config=FirmwareConfig(gantry_s=gantry_s))
+        hw = FirmwareHardware.udp(SPEC, fw.address, ("127.0.0.1", 0))
+        fw.peer = hw.link.transport.address
+        try:
+            z0 = fw.base_state().pos[2]
+            for _ in range(50):   # 1 s passive, nobody has started it
+                fw.step_control_period()
+            z_idle = fw.base_state().pos[2]
+            held = []
+            for _ in range(50):   # 1 s of RUNNING with the default pose commanded
+                run_lockstep(fw, hw, HOLD, 1)
+                held.append(fw.sim.on_gantry)
+            return z0, z_idle, held, fw.base_state().pos[2]
+        finally:
+            fw.close()
+            hw.close()
+    z0, z_idle, held, z_end = idle_then_run(0.0)
+    assert z_idle < z0 - 0.05 and not any(held)                   # collapsed while passive
+    z0, z_idle, held, z_end = idle_then_run(0.5)
+    assert z_idle == pytest.approx(z0, abs=1e-9)                 # hanging, exactly
+    assert held[0] and not held[-1] and 20 <= sum(held) <= 30     # lowered 0.5 s into RUNNING
+    assert z_end > z0 - 0.03                                      # and stands on its own

@@ -31,7 +31,9 @@ class FirmwareNode(RobotNode):
             watchdog_ms=p("watchdog_ms", FirmwareConfig.watchdog_ms, "RUNNING with no valid COMMAND for this "
                           "long: DAMPING", lambda v: v > 0, "> 0"),
             state_hz=p("state_hz", 0.0, "STATE rate in Hz; 0: the robot's control rate", lambda v: v >= 0,
-                       ">= 0") or None)
+                       ">= 0") or None,
+            gantry_s=p("gantry_s", 0.0, "hold a floating base on a gantry until this long after RUNNING is "
+                       "entered (the controller's ramp time); 0: no gantry", lambda v: v >= 0, ">= 0"))
         self.log_path = p("log_path", "", "save the applied commands to this .npz at exit; empty: do not")
         diagnostics_hz = p("diagnostics_hz", 2.0, "rate of /diagnostics messages (Hz)", lambda v: v > 0, "> 0")
         self.spec = spec = load_robot(robot)
