@@ -88,7 +88,7 @@ class LoopStats:
     overruns: int             # ticks whose work ended after the next deadline
     skipped: int              # deadlines dropped after falling more than a period behind
     nominal_period_us: float
-    period_mean_us: float
+    period_mean_us: float     # wake-up to wake-up, per deadline passed (a skipped one counts): the drift
     period_error: float       # (mean period - nominal) / nominal
     lateness_p50_us: float    # wake-up time minus its deadline
     lateness_p99_us: float
@@ -133,6 +133,7 @@ class RateLoop:
         self._wake = np.zeros(capacity, dtype=np.int64)
         self._lateness = np.zeros(capacity, dtype=np.int64)
         self._compute = np.zeros(capacity, dtype=np.int64)
+        self._slot = np.zeros(capacity, dtype=np.int64)   # deadlines since the start, skipped ones included
         self._ticks = self._overruns = self._skipped = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -194,6 +195,7 @@ class RateLoop:
             self._wake[i] = wake
             self._lateness[i] = wake - deadline
             self._compute[i] = done - wake
+            self._slot[i] = self._ticks + self._skipped
             self._ticks += 1
             deadline = self._next_deadline(deadline, done)
 
@@ -230,9 +232,9 @@ class RateLoop:
         ticks, n = self._ticks, min(self._ticks, self.capacity)
         nominal = self.period_ns / 1e3
         period = math.nan
-        if n > 1:   # the window's first and last wake-ups span n - 1 periods
-            newest, oldest = self._wake[(ticks - 1) % self.capacity], self._wake[(ticks - n) % self.capacity]
-            period = float(newest - oldest) / (n - 1) / 1e3
+        if n > 1:   # the window's first and last wake-ups, and the deadlines between them
+            new, old = (ticks - 1) % self.capacity, (ticks - n) % self.capacity
+            period = float(self._wake[new] - self._wake[old]) / float(self._slot[new] - self._slot[old]) / 1e3
         late, compute = _percentiles(self._lateness[:n]), _percentiles(self._compute[:n])
         return LoopStats(ticks, self._overruns, self._skipped, nominal, period, (period - nominal) / nominal,
                          *late, *compute)
