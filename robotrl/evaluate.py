@@ -22,6 +22,22 @@ def _parse_command(text: str | None):
     return vals
 
 
+def _policy(art, path, num_envs: int):
+    """act(obs [B, obs], starts [B]) -> actions, run as the robot runs the artifact. A stateless
+    one (an MLP) takes the whole batch in one call; a stateful one (a chunk queue) gets one
+    loaded copy per environment, reset at every episode start."""
+    if not art.manifest.get("policy", {}).get("stateful", False):
+        return lambda obs, starts: art.act(obs)
+    copies = [art] + [load_artifact(path) for _ in range(num_envs - 1)]
+
+    def act(obs, starts):
+        for a, start in zip(copies, starts):
+            if start:
+                a.reset()
+        return np.stack([a.act(o) for a, o in zip(copies, obs)])
+    return act
+
+
 def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | None = None, seed: int = 0,
                       command: str | None = None, overrides: list[str] | None = None, num_envs: int = 10,
                       video: str | None = None) -> dict:
@@ -40,13 +56,16 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     task_cfg = task_config(OmegaConf.to_container(base))
     n = max(1, min(num_envs, episodes))
     env = TaskVectorEnv(task_cfg, num_envs=n, nthread=2)
+    act = _policy(art, path, n)
     obs, _ = env.reset(seed=seed)
     returns, successes, falls, lengths = [], [], 0, []
     power, vel_err, energy = [], [], []
     started = n
     active = np.ones(n, dtype=bool)
+    starts = np.ones(n, dtype=bool)
     while len(returns) < episodes:
-        obs, reward, terminated, truncated, info = env.step(art.act(obs))
+        obs, reward, terminated, truncated, info = env.step(act(obs, starts))
+        starts = terminated | truncated   # those envs were reset: a new episode begins
         if "power_w" in info:   # walking tasks report mechanical power; tabletop tasks do not
             power.append(info["power_w"][active])
         if "vel_error" in info:
@@ -80,6 +99,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
         os.replace(tmp, out)
     if video:
         from robotrl.video import record_video
+        art.reset()
         record_video(task_cfg, lambda o: art.act(o), Path(video), seed=seed)
         result["video"] = video
     return result

@@ -409,31 +409,6 @@ def train_resfit(cfg: DictConfig) -> Path:
     return run_dir
 
 
-# ---------------------------------------------------------------- artifacts in the twin
-def evaluate_stateful_artifact(path: str | Path, episodes: int = 20, num_envs: int = 10, seed: int = 10_000,
-                               task_overrides: dict | None = None) -> dict:
-    """Evaluate a chunk-queue artifact as the robot runs it: one loaded copy per environment
-    (each holds its own queue), `reset()` at every episode start, `act` per observation.
-    (robotrl/evaluate.py batches all envs through one module and never resets it, which a
-    stateful artifact cannot support.) With the run's eval seed this reproduces its in-training
-    evaluation exactly."""
-    from real.artifact import load_artifact
-    from sim.envs import task_config
-    arts = [load_artifact(path) for _ in range(max(1, min(num_envs, episodes)))]
-    cfg = task_config({**arts[0].manifest["task"]["config"], **(task_overrides or {})})
-
-    def act(obs: torch.Tensor) -> np.ndarray:
-        return np.stack([a.act(o.numpy()) for a, o in zip(arts, obs)])
-
-    def reset(mask: torch.Tensor) -> None:
-        for a, m in zip(arts, mask.tolist()):
-            if m:
-                a.reset()
-    ev = evaluate(cfg, act, reset, episodes, len(arts), seed)
-    return {"artifact": str(path), "episodes": episodes, "success_rate": ev["success_rate"],
-            "episode_length": ev["episode_length"], "seed": seed}
-
-
 # ---------------------------------------------------------------- export (robotrl export run=…)
 def export_offpolicy(run: str | Path, out: str | Path | None = None) -> Path:
     """Base (+ residual) as ONE TorchScript artifact with the chunk queue inside, parity

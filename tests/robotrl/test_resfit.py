@@ -264,12 +264,13 @@ def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path):
 
 def test_artifact_in_the_twin_reproduces_the_runs_own_evaluation(bc_run, tmp_path):
     from robotrl.checkpoint import load_checkpoint
-    from robotrl.offpolicy import evaluate_stateful_artifact
+    from robotrl.evaluate import evaluate_artifact
     assert main(["export", f"run={bc_run}", f"out={tmp_path}/bc.pt"]) == 0
     ckpt = load_checkpoint(bc_run)
-    ev = evaluate_stateful_artifact(tmp_path / "bc.pt", episodes=2, num_envs=2, seed=ckpt["config"]["seed"] + 10_000)
+    # `robotrl eval` runs a stateful (chunk-queue) artifact as the robot does: a copy per env, reset per episode
+    ev = evaluate_artifact(tmp_path / "bc.pt", episodes=2, num_envs=2, seed=ckpt["config"]["seed"] + 10_000)
     assert ev["success_rate"] == ckpt["eval"]["success_rate"]
-    assert ev["episode_length"] == ckpt["eval"]["episode_length"]
+    assert ev["episode_length_mean"] == ckpt["eval"]["episode_length"]
 
 
 def test_resfit_export_is_one_artifact_base_plus_residual(resfit_run, tmp_path):
