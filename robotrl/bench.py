@@ -118,7 +118,7 @@ def bench_ppo(steps: int) -> tuple[float, float | None]:
         for _ in range(algo.cfg.steps_per_env):
             a = algo.act(torch.as_tensor(obs), torch.as_tensor(info["critic_obs"]))
             obs, r, term, trunc, info = env.step(a.numpy())
-            algo.record(torch.as_tensor(r, dtype=torch.float32), torch.as_tensor(term | trunc, dtype=torch.float32),
+            algo.record(torch.as_tensor(r, dtype=torch.float32), torch.as_tensor(term), torch.as_tensor(trunc),
                         torch.zeros(env.num_envs), info)
         algo.update(torch.as_tensor(info["critic_obs"]), 0.0, n)
         n += env.num_envs * algo.cfg.steps_per_env

@@ -2,7 +2,6 @@
 and the end-of-run plots and video. Algorithms plug in through ALGOS."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -52,8 +51,10 @@ def train(cfg: DictConfig) -> Path:
         ckpt = load_checkpoint(resume)
         saved = OmegaConf.create(ckpt["config"])
         saved.total_steps = cfg.total_steps   # a resumed run may be extended
+        # The run continues where its checkpoint is now (a run folder may have been moved or copied).
+        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parents[1]
+        saved.run_dir = str(run_dir)
         cfg = saved
-        run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -64,8 +65,7 @@ def train(cfg: DictConfig) -> Path:
     iteration, env_steps = 0, 0
     if ckpt is not None:
         algo.model.load_state_dict(ckpt["model"])
-        algo.opt.load_state_dict(ckpt["opt"])
-        algo.lr = ckpt["lr"]
+        algo.load_training_state(ckpt["algo_state"])
         iteration, env_steps = ckpt["iteration"], ckpt["env_steps"]
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
@@ -85,11 +85,11 @@ def train(cfg: DictConfig) -> Path:
             action = algo.act(torch.as_tensor(obs), torch.as_tensor(critic))
             obs, reward, terminated, truncated, info = env.step(action.numpy())
             critic = info["critic_obs"]
-            bonus = torch.zeros(env.num_envs)
-            if "_final_obs" in info and truncated.any():  # bootstrap time-outs, not failures
-                bonus[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
-            algo.record(torch.as_tensor(reward, dtype=torch.float32),
-                        torch.as_tensor(terminated | truncated, dtype=torch.float32), bonus, info)
+            value = torch.zeros(env.num_envs)
+            if truncated.any():  # bootstrap time-outs, not failures
+                value[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
+            algo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
+                        torch.as_tensor(truncated), value, info)
             power.append(info["power_w"].mean())
             vel_err.append(info["vel_error"].mean() if "vel_error" in info else np.nan)
             for k, v in info.items():
@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> Path:
         bar.update(per_iter)
         bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W")
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
-            save_atomic({"model": algo.model.state_dict(), "opt": algo.opt.state_dict(), "lr": algo.lr,
+            save_atomic({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
                          "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
                          "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs},
                         run_dir / "checkpoints" / "last.pt")

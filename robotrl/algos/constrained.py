@@ -42,13 +42,13 @@ class ShapingPPO(ConstrainedPPO):
     uses_cost_advantages = False
 
     @torch.no_grad()
-    def record(self, rewards, dones, truncated_value_bonus, info) -> None:
+    def record(self, rewards, terminated, truncated, truncated_value, info) -> None:
         c = self.cfg
         cost = self.step_costs(info, self.buffer.obs[self.buffer.t - 1])
         penalty = c.energy_weight * cost[:, 0]
         if self.reference is not None:
             penalty = penalty + c.reference_weight * cost[:, 1] * self.dt
-        super().record(rewards - penalty, dones, truncated_value_bonus, info)
+        super().record(rewards - penalty, terminated, truncated, truncated_value, info)
 
     def update_weights(self, J):
         motion = {"symmetry": [self.cfg.mirror_weight], "reference_gait": [self.cfg.reference_weight], "none": []}

@@ -182,6 +182,24 @@ class ConstrainedPPO(PPO):
             self.model.cost_critic = mlp([critic_size, *cfg.critic_hidden, K], cfg.activation)
             self.cost_opt = torch.optim.Adam(self.model.cost_critic.parameters(), lr=cfg.lr)
 
+    def training_state(self) -> dict:
+        e = self.episodes
+        state = {**super().training_state(), "J": self.J, "weights": self.weights,
+                 "episodes": {"sums": e.sums, "steps": e.steps, "finished": list(e.finished)}}
+        if self.uses_cost_advantages:
+            state["cost_opt"] = self.cost_opt.state_dict()
+        return state
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        self.J, self.weights = state["J"], state["weights"]
+        e, saved = self.episodes, state["episodes"]
+        e.sums, e.steps = saved["sums"], saved["steps"]
+        e.finished.clear()
+        e.finished.extend(saved["finished"])
+        if self.uses_cost_advantages:
+            self.cost_opt.load_state_dict(state["cost_opt"])
+
     # ---- rollout ----
     def step_costs(self, info: dict, obs: torch.Tensor) -> torch.Tensor:
         """This step's costs (N, K): the task's energy in J, the reference-gait deviation in rad²."""
@@ -191,15 +209,14 @@ class ConstrainedPPO(PPO):
         return torch.stack(costs, dim=1)
 
     @torch.no_grad()
-    def record(self, rewards, dones, truncated_value_bonus, info) -> None:
-        super().record(rewards, dones, truncated_value_bonus, info)
+    def record(self, rewards, terminated, truncated, truncated_value, info) -> None:
+        super().record(rewards, terminated, truncated, truncated_value, info)
         t = self.buffer.t - 1
         self.costs[t] = self.step_costs(info, self.buffer.obs[t])
-        self.episodes.add(self.costs[t], dones)
-        timeout = truncated_value_bonus != 0   # the runner bootstraps time-outs, and only those
-        if self.uses_cost_advantages and timeout.any():
-            final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[timeout]
-            self.cost_bonus[t, timeout] = self.cfg.gamma * self.cost_value(final)
+        self.episodes.add(self.costs[t], self.buffer.dones[t])
+        if self.uses_cost_advantages and truncated.any():   # time-outs bootstrap the cost critic too
+            final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[truncated]
+            self.cost_bonus[t, truncated] = self.cfg.gamma * self.cost_value(final)
 
     def cost_value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.model.cost_critic(self.model.critic_norm(critic_obs))
@@ -308,6 +325,13 @@ class ECO(ConstrainedPPO):
         super().__init__(obs_size, critic_size, action_size, cfg, num_envs)
         self.model.multipliers = LagrangeMultipliers(len(self.names), cfg.lambda_lr)   # checkpointed with the model
         self.weights = self.model.multipliers.lam.detach().clone()
+
+    def training_state(self) -> dict:
+        return {**super().training_state(), "lambda_opt": self.model.multipliers.opt.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        super().load_training_state(state)
+        self.model.multipliers.opt.load_state_dict(state["lambda_opt"])
 
     def update_weights(self, J):
         return self.model.multipliers.update(J, self.budgets)

@@ -101,6 +101,14 @@ class PPO:
         self.lr = cfg.lr
         self.buffer = RolloutBuffer(cfg.steps_per_env, num_envs, obs_size, critic_size, action_size)
 
+    def training_state(self) -> dict:
+        """What a resumed run needs beyond the model's weights (checkpointed beside them)."""
+        return {"opt": self.opt.state_dict(), "lr": self.lr}
+
+    def load_training_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.lr = state["lr"]
+
     @torch.no_grad()
     def act(self, obs: torch.Tensor, critic_obs: torch.Tensor) -> torch.Tensor:
         self.model.obs_norm.update(obs)
@@ -112,11 +120,13 @@ class PPO:
         return action
 
     @torch.no_grad()
-    def record(self, rewards: torch.Tensor, dones: torch.Tensor, truncated_value_bonus: torch.Tensor,
-               info: dict) -> None:
+    def record(self, rewards: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
+               truncated_value: torch.Tensor, info: dict) -> None:
+        """The step's outcome, per env. A time-out (truncated) is bootstrapped: `truncated_value`
+        holds V(final observation) there, which the caller computes (its critic input may differ)."""
         t = self.buffer.t - 1
-        self.buffer.rewards[t] = rewards + self.cfg.gamma * truncated_value_bonus
-        self.buffer.dones[t] = dones
+        self.buffer.rewards[t] = rewards + self.cfg.gamma * torch.where(truncated, truncated_value, 0.0)
+        self.buffer.dones[t] = (terminated | truncated).float()
 
     @torch.no_grad()
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:

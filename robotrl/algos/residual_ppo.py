@@ -145,8 +145,8 @@ def train_residual_ppo(cfg: DictConfig) -> Path:
                 with torch.no_grad():
                     fb = train_base.peek(torch.as_tensor(info["final_obs"][truncated]), ids)
                     bonus[ids] = ppo.value(torch.cat([torch.as_tensor(info["final_critic_obs"][truncated]), fb], -1))
-            ppo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(done, dtype=torch.float32),
-                       bonus, info)
+            ppo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
+                       torch.as_tensor(truncated), bonus, info)
             if done.any():
                 successes += info["success"][done].tolist()
                 train_base.reset(torch.as_tensor(done))

@@ -142,8 +142,8 @@ def test_energy_cost_is_the_task_info_energy():
         bonus = torch.zeros(env.num_envs)
         if truncated.any():
             bonus[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
-        algo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated | truncated,
-                    dtype=torch.float32), bonus, info)
+        algo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
+                    torch.as_tensor(truncated), bonus, info)
         np.testing.assert_allclose(algo.costs[t, :, 0].numpy(), info["energy_j"], rtol=1e-6)
         if "_final_obs" in info:
             done = info["_final_obs"]
@@ -230,3 +230,22 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
     rows = {r["label"]: r for r in yaml.safe_load((out / "report.json").read_text())}
     assert rows["pid_lagrangian"]["c1_ok"] == (rows["pid_lagrangian"]["power_w"] <= 15)
     assert 0.0 <= rows["eco_b20"]["success_rate"] <= 1.0 and rows["eco_b20"]["power_w"] > 0
+
+
+def test_resume_restores_the_multipliers_optimiser_and_cost_window(runs, tmp_path):
+    """A resumed ECO run goes on with λ's Adam moments, the cost critic's optimiser and the
+    window of finished episodes' costs that J is estimated from, not fresh ones."""
+    from robotrl.checkpoint import load_checkpoint
+    run = tmp_path / "eco"
+    shutil.copytree(runs["eco"], run)
+    before = load_checkpoint(run)
+    state = before["algo_state"]
+    assert state["lambda_opt"]["state"] and state["cost_opt"]["state"]   # Adam moments exist
+    assert main(["train", f"resume={run}", "total_steps=192"]) == 0
+    after = load_checkpoint(run)
+    assert after["iteration"] == before["iteration"] + 1
+    # Adam's step count went on from where it was: the optimiser state was loaded, not re-created
+    step = lambda s: int(next(iter(s["state"].values()))["step"])  # noqa: E731
+    assert step(after["algo_state"]["lambda_opt"]) == step(state["lambda_opt"]) + 1
+    assert step(after["algo_state"]["cost_opt"]) > step(state["cost_opt"])
+    assert len(after["algo_state"]["episodes"]["finished"]) >= len(state["episodes"]["finished"])
