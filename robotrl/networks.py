@@ -84,7 +84,17 @@ class ActorCritic(nn.Module):
         return export_artifact(deploy, manifest, path, parity_obs, reference, **kwargs)
 
 
-class MlpDeployPolicy(nn.Module):
+class DeployModule(nn.Module):
+    """What an artifact's module is (real/artifact.py): forward(obs) -> action, command(action) ->
+    joint targets, step(obs) -> both in one call (what a control tick runs), reset()."""
+
+    @torch.jit.export
+    def step(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        action = self.forward(obs)
+        return action, self.command(action)
+
+
+class MlpDeployPolicy(DeployModule):
     """What runs on the robot: `forward` (observation → clipped actor mean), `command` (action →
     joint position targets: offset + scale·action, clipped to the joint limits) and `step`
     (both in one call, what the control loop runs every tick).
@@ -116,11 +126,6 @@ class MlpDeployPolicy(nn.Module):
     @torch.jit.export
     def command(self, action: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.add(self.offset, action, alpha=self.scale), self.q_lower, self.q_upper)
-
-    @torch.jit.export
-    def step(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        action = self.forward(obs)
-        return action, self.command(action)
 
     @torch.jit.export
     def reset(self) -> None:

@@ -40,7 +40,7 @@ class ArmLiftExpert:
         return np.clip(actions, t.action_low, t.action_high)
 
     def _act(self, i: int) -> np.ndarray:
-        t, r, c = self.task, self.task.robot, self.task.cfg
+        t, c = self.task, self.task.cfg
         d = t.sim.data_of(i)
         cube = d.qpos[t.cube_qadr:t.cube_qadr + 3].copy()
         tcp = d.site_xpos[self.site].copy()
@@ -54,6 +54,13 @@ class ArmLiftExpert:
             goal = cube + [0.0, 0.0, min(0.1, 4.0 * np.linalg.norm(offset[:2]))]
         close = squeezing or np.linalg.norm(offset) < 0.015
 
+        return self._ik(i, d, goal, close)
+
+    def _ik(self, i: int, d, goal: np.ndarray, close: bool) -> np.ndarray:
+        """One damped-least-squares step of the tcp towards `goal`, pointing down with the fingers
+        across two cube faces, with a null-space pull to the default posture; gripper closed or open."""
+        t, r = self.task, self.task.robot
+        tcp = d.site_xpos[self.site].copy()
         # Orientation goal: tcp z down, finger axis (tcp y) along the cube face normal nearest to it.
         w, x, y, z = d.qpos[t.cube_qadr + 3:t.cube_qadr + 7]
         cube_x = np.array([1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 0.0])

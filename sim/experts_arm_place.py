@@ -1,13 +1,12 @@
 """Scripted expert for arm_place (sim/tasks/arm_place.py): demonstrations and a yardstick.
 
-Grasps like sim/experts.py's ArmLiftExpert (whose Jacobian IK step it reuses), then lifts
+Grasps like sim/experts.py's ArmLiftExpert (and moves with its Jacobian IK step, `_ik`), then lifts
 straight up to a carry height, moves over the target, lowers the cube onto it, opens, and backs
 off upwards. Stateless: the phase follows from the geometry every step, so it recovers from a
 slipped grasp without being told about resets.
 """
 from __future__ import annotations
 
-import mujoco
 import numpy as np
 
 from sim.experts import ArmLiftExpert
@@ -46,32 +45,3 @@ class ArmPlaceExpert(ArmLiftExpert):
             goal = cube + [0.0, 0.0, min(0.1, 4.0 * np.linalg.norm(offset[:2]))]
             close = np.linalg.norm(offset) < 0.015
         return self._ik(i, d, goal, close)
-
-    def _ik(self, i: int, d, goal: np.ndarray, close: bool) -> np.ndarray:
-        """One damped-least-squares step of the tcp towards `goal` (pointing down, fingers across
-        two cube faces), with a null-space pull to the default posture; as in ArmLiftExpert."""
-        t, r = self.task, self.task.robot
-        tcp = d.site_xpos[self.site].copy()
-        w, x, y, z = d.qpos[t.cube_qadr + 3:t.cube_qadr + 7]
-        cube_x = np.array([1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 0.0])
-        R = d.site_xmat[self.site].reshape(3, 3)
-        axis = cube_x / np.linalg.norm(cube_x)
-        candidates = [axis, -axis, np.array([-axis[1], axis[0], 0.0]), np.array([axis[1], -axis[0], 0.0])]
-        y_goal = max(candidates, key=lambda v: v @ R[:, 1])
-        R_goal = np.column_stack([np.cross(y_goal, [0.0, 0.0, -1.0]), y_goal, [0.0, 0.0, -1.0]])
-        rot_err = 0.5 * sum(np.cross(R[:, k], R_goal[:, k]) for k in range(3))
-        pos_err = goal - tcp
-        dist = np.linalg.norm(pos_err)
-        if dist > self.max_step_m:
-            pos_err *= self.max_step_m / dist
-        mujoco.mj_jacSite(t.model, d, self._jacp, self._jacr, self.site)
-        J = np.vstack([self._jacp, self._jacr])[:, self.arm_dofs]
-        err = np.concatenate([pos_err, 0.5 * rot_err])
-        dq = J.T @ np.linalg.solve(J @ J.T + self.damping ** 2 * np.eye(6), err)
-        q = d.qpos[t.qadr[self.arm]]
-        null = np.eye(len(dq)) - np.linalg.pinv(J) @ J
-        dq += null @ (0.1 * (r.q_default[self.arm] - q))
-        desired = t.target[i].copy()
-        desired[self.arm] = q + dq
-        desired[t.gripper] = r.q_lower[t.gripper] if close else r.q_upper[t.gripper]
-        return (desired - t.target[i]) / t.scale

@@ -23,12 +23,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from robotrl.networks import DeployModule
 
 CRITIC_LOSSES = ("mse", "hl_gauss")
 
@@ -543,7 +545,7 @@ class NoResidual(nn.Module):
         return torch.zeros_like(base_n)
 
 
-class DeployPolicy(nn.Module):
+class DeployPolicy(DeployModule):
     """Base chunk queue + residual as one TorchScript module for one robot: forward(obs [obs])
     -> action [A] (env units, clipped); command(action) -> joint position targets; step(obs) ->
     both in one call; reset() empties the chunk queue (call it at every episode start).
@@ -598,11 +600,6 @@ class DeployPolicy(nn.Module):
         if not self.from_target:
             self.target = q
         return q
-
-    @torch.jit.export
-    def step(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        action = self.forward(obs)
-        return action, self.command(action)
 
     @torch.jit.export
     def reset(self) -> None:

@@ -19,9 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from robotrl.algos.ppo import PPO, PPOConfig
+
 
 @dataclasses.dataclass
-class ResPPOConfig:
+class ResPPOConfig(PPOConfig):
+    """PPO's own knobs (robotrl/algos/ppo.py), other defaults for a residual, and the run's."""
     name: str = "resppo"
     base: Optional[str] = None       # run folder of the algo=bc run (required)
     base_bias: Optional[List[float]] = None  # stress test, as in resfit.yaml
@@ -29,30 +32,14 @@ class ResPPOConfig:
     env_steps: int = 200000
     action_scale: float = 0.2        # residual = action_scale · x, x ~ N(μ(s, a_base), σ)
     steps_per_env: int = 64
-    epochs: int = 5
-    minibatches: int = 4
-    gamma: float = 0.99
-    lam: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    value_coef: float = 1.0
     entropy_coef: float = 0.0
     lr: float = 3e-4
-    lr_schedule: str = "adaptive"
-    desired_kl: float = 0.01
-    max_grad_norm: float = 1.0
     actor_hidden: List[int] = dataclasses.field(default_factory=lambda: [256, 256])
     critic_hidden: List[int] = dataclasses.field(default_factory=lambda: [256, 256])
-    activation: str = "elu"
     init_std: float = 0.5            # σ of x: the residual's initial exploration std is action_scale · init_std
     eval_every: int = 10000
     eval_episodes: int = 20
     eval_envs: int = 10
-
-    def ppo_config(self):
-        from robotrl.algos.ppo import PPOConfig
-        keys = {f.name for f in dataclasses.fields(PPOConfig)} - {"name"}
-        return PPOConfig(name="ppo", **{k: getattr(self, k) for k in keys if hasattr(self, k)})
 
 
 class PPOResidual(nn.Module):
@@ -70,11 +57,10 @@ class PPOResidual(nn.Module):
 
 
 def _build(c: ResPPOConfig, task, base_ckpt_state=None, base_cfg=None):
-    from robotrl.algos.ppo import PPO
     from robotrl.offpolicy import build_resfit_parts
     base = build_resfit_parts(SimpleNamespace(use_base=True, base_bias=c.base_bias), task, base_ckpt_state, base_cfg)
     A = task.action_size
-    ppo = PPO(task.obs_size + A, task.critic_obs_size + A, A, c.ppo_config(), c.num_envs)
+    ppo = PPO(task.obs_size + A, task.critic_obs_size + A, A, c, c.num_envs)
     last = ppo.model.actor[-1]
     nn.init.zeros_(last.weight)   # the residual's mean starts at exactly 0
     nn.init.zeros_(last.bias)
