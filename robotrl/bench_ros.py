@@ -34,7 +34,6 @@ import math
 import os
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,54 +51,6 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Client:
-    """This process as one more participant of the graph's domain: calls services, reads /diagnostics."""
-
-    def __init__(self, domain_id: int):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("bench_ros", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.status: dict[str, dict] = {}
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        while self.context.ok():
-            try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception:   # shutting down
-                return
-
-    def _on_diagnostics(self, msg):
-        for s in msg.status:
-            self.status[s.name] = {"message": s.message, "t": time.monotonic(), **{kv.key: kv.value for kv in s.values}}
-
-    def call(self, service: str, timeout: float = 10.0):
-        from std_srvs.srv import Trigger
-        client = self.node.create_client(Trigger, service)
-        try:
-            if not client.wait_for_service(timeout_sec=timeout):
-                return None
-            done = threading.Event()
-            future = client.call_async(Trigger.Request())
-            future.add_done_callback(lambda _: done.set())
-            return future.result() if done.wait(timeout) else None
-        finally:
-            self.node.destroy_client(client)
-
-    def close(self):
-        self.executor.shutdown()
-        self._thread.join(2.0)
-        self.node.destroy_node()
-        self.context.try_shutdown()
 
 
 def _wait(predicate, timeout: float, what: str, log: io.StringIO):
@@ -166,7 +117,8 @@ def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = 
         by_name["policy"].params.append(("bench_loop_hz", repr(float(hz))))
         log = io.StringIO()
         graph = Graph(nodes, out=log, env=env)
-        client = _Client(domain)
+        from robotrl.ros_client import RosClient
+        client = RosClient(domain, "bench_ros")
         try:
             graph.start()
             def started():

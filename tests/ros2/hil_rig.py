@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import SingleThreadedExecutor
 from std_srvs.srv import Trigger
 
 from real.robot_spec import load_robot
+from robotrl import ros_client
 from robotrl.deploy import Graph, NodeSpec, load_launch
 from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig
 
@@ -51,53 +48,13 @@ def wait_for(predicate, timeout: float, what: str, context=lambda: ""):
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{context()}")
 
 
-class RosClient:
-    """This test's participant in the graph's domain, spun in its own thread."""
-
-    def __init__(self, domain_id: int):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.node = rclpy.create_node("hil_test", context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self.status: dict[str, dict] = {}   # newest /diagnostics status by name: message and values
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self):
-        while self.context.ok():
-            try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception:   # shutting down
-                return
-
-    def _on_diagnostics(self, msg):
-        for s in msg.status:
-            self.status[s.name] = {"message": s.message, **{kv.key: kv.value for kv in s.values}}
+class RosClient(ros_client.RosClient):
+    """This test's participant in the graph's domain: a service that does not answer fails the test."""
 
     def call(self, service: str, timeout: float = 10.0) -> Trigger.Response:
-        client = self.node.create_client(Trigger, service)
-        try:
-            assert client.wait_for_service(timeout_sec=timeout), f"service {service} not available"
-            # A response can be lost while DDS is still matching the reply path (a known ROS 2
-            # first-call race on a loaded host): ask again rather than fail.
-            end = time.monotonic() + timeout
-            while True:
-                done = threading.Event()
-                future = client.call_async(Trigger.Request())
-                future.add_done_callback(lambda _: done.set())
-                if done.wait(min(3.0, max(0.1, end - time.monotonic()))):
-                    return future.result()
-                assert time.monotonic() < end, f"no answer from {service}"
-        finally:
-            self.node.destroy_client(client)
-
-    def close(self):
-        self.executor.shutdown()   # ends _spin
-        self._thread.join(2.0)
-        self.node.destroy_node()
-        self.context.try_shutdown()
+        response = super().call(service, timeout)
+        assert response is not None, f"no answer from {service} within {timeout} s"
+        return response
 
 
 class FirmwareProbe:
@@ -156,7 +113,7 @@ class Hil:
     """One test's rig: ROS client, graphs and in-process firmwares; all stopped at teardown."""
 
     def __init__(self, domain_id: int):
-        self.ros = RosClient(domain_id)
+        self.ros = RosClient(domain_id, "hil_test")
         self.graphs: list[tuple[Graph, io.StringIO]] = []
         self.firmwares: list[EmulatedFirmware] = []
 
