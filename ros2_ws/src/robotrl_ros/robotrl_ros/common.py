@@ -2,7 +2,6 @@
 refuses to start with a clear log and a non-zero exit, spins, and shuts down cleanly."""
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ from rclpy.signals import SignalHandlerOptions
 from firmware_bridge import ProtocolVersionError
 from real.hardware import HardwareError
 from real.robot_spec import SpecError
+from real.rt_loop import freeze_heap
 from robotrl_ros.messages import TOPICS
 
 
@@ -109,10 +109,7 @@ def run(make_node: Callable[[], RobotNode], name: str, argv: list[str] | None = 
     node, code = None, 0
     try:
         node = make_node()
-        # Everything built so far (torch, rclpy, the artifact: ~10^5 objects) lives as long as the
-        # node; a full collection of it would stall every thread, the control loop too, ~0.1 s.
-        gc.collect()
-        gc.freeze()
+        freeze_heap()   # everything built so far lives as long as the node
         node.start()
         # rclpy's EventsExecutor (C++, Jazzy): sensor -> command through the graph measured at
         # p50 1.3-2.0 ms / p99 2.3-4.2 ms at 500 Hz against 2.0-2.3 / 6.1-6.7 ms with the Python
