@@ -78,7 +78,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
             venv.step(zeros)
         return 5 * num_envs
     vec_rate = _rate(vec, seconds)
-    ours, sb3 = bench_ppo(ppo_steps)
+    train, sb3 = bench_ppo(ppo_steps)
+    ours, eco = train["ppo"], train["eco"]
     raw = batched["raw_steps_per_s"]
     res = {"substeps": venv.task.substeps, "num_envs": num_envs,
            "raw_mj_steps_per_s": raw, "env_steps_per_s": batched["env_steps_per_s"], "env_over_raw": batched["over_raw"],
@@ -87,6 +88,7 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
            "replay_max_abs_diff": max(single["replay_max_abs_diff"], batched["replay_max_abs_diff"]),
            "vec_env_steps_per_s": vec_rate, "vec_over_raw": vec_rate / raw,
            "ppo_env_steps_per_s": ours, "sb3_env_steps_per_s": sb3,
+           "eco_env_steps_per_s": eco, "eco_overhead": ours / eco - 1.0,
            "ppo_over_sb3": (ours / sb3) if sb3 else None, "threads": {"torch": torch.get_num_threads(), "physics": 2}}
     rows = [(f"raw mj_step replay, {num_envs} envs' states, 1 thread", f"{raw:,.0f} /s", ""),
             (f"vector env.step, {num_envs} envs, 1 thread", f"{res['env_steps_per_s']:,.0f} /s",
@@ -95,6 +97,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
             ("gymnasium Env.step, one env", f"{res['single_env_steps_per_s']:,.0f} /s", f"{res['single_env_over_raw']:.2f}× raw"),
             (f"vector env.step, {num_envs} envs, 2 threads", f"{vec_rate:,.0f} /s", f"{res['vec_over_raw']:.2f}× raw 1 thread"),
             ("robotrl PPO training", f"{ours:,.0f} env-steps/s", ""),
+            ("robotrl ECO training (same core, interleaved)", f"{eco:,.0f} env-steps/s",
+             f"{res['eco_overhead']:+.1%} time vs PPO (goal < 10 %)"),
             ("stable-baselines3 PPO training", f"{sb3:,.0f} env-steps/s" if sb3 else "not installed",
              f"{res['ppo_over_sb3']:.2f}× sb3" if sb3 else "")]
     _table(f"bench sim (humanoid_walk, kid_biped, {venv.task.substeps} physics steps per env step; "
@@ -102,27 +106,40 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
     return res
 
 
-def bench_ppo(steps: int) -> tuple[float, float | None]:
-    """Env-steps/s of a PPO training loop: ours (vector env + our PPO) against SB3 on the same task."""
+def bench_ppo(steps: int) -> tuple[dict[str, float], float | None]:
+    """Env-steps/s of the training loop: our PPO and ECO (the same PPO core plus costs, cost critic,
+    multipliers and mirror loss), interleaved iteration by iteration so that both see the same
+    machine; then stable-baselines3's PPO on the same task."""
     import torch
-    from omegaconf import OmegaConf
     from robotrl.cli import compose_train_config
     from robotrl.runner import build
     torch.set_num_threads(1)
-    cfg = compose_train_config(["num_envs=64", "algo.actor_hidden=[64,64]", "algo.critic_hidden=[64,64]",
-                                "algo.steps_per_env=32"])
-    env, algo = build(cfg)
-    obs, info = env.reset(seed=0)
-    t0, n = time.perf_counter(), 0
-    while n < steps:
+    common = ["num_envs=64", "algo.actor_hidden=[64,64]", "algo.critic_hidden=[64,64]", "algo.steps_per_env=32"]
+    runs = {}
+    for name in ("ppo", "eco"):
+        env, algo = build(compose_train_config([f"algo={name}", *common]))
+        obs, info = env.reset(seed=0)
+        runs[name] = {"env": env, "algo": algo, "obs": obs, "info": info, "seconds": 0.0, "steps": 0}
+
+    def iteration(r: dict) -> None:
+        env, algo, obs, info = r["env"], r["algo"], r["obs"], r["info"]
+        t0 = time.perf_counter()
         for _ in range(algo.cfg.steps_per_env):
             a = algo.act(torch.as_tensor(obs), torch.as_tensor(info["critic_obs"]))
-            obs, r, term, trunc, info = env.step(a.numpy())
-            algo.record(torch.as_tensor(r, dtype=torch.float32), torch.as_tensor(term), torch.as_tensor(trunc),
-                        torch.zeros(env.num_envs), info)
-        algo.update(torch.as_tensor(info["critic_obs"]), 0.0, n)
-        n += env.num_envs * algo.cfg.steps_per_env
-    ours = n / (time.perf_counter() - t0)
+            obs, rew, term, trunc, info = env.step(a.numpy())
+            value = torch.zeros(env.num_envs)
+            if trunc.any():
+                value[trunc] = algo.value(torch.as_tensor(info["final_critic_obs"][trunc]))
+            algo.record(torch.as_tensor(rew, dtype=torch.float32), torch.as_tensor(term), torch.as_tensor(trunc),
+                        value, info)
+        algo.update(torch.as_tensor(info["critic_obs"]), 0.0, r["steps"])
+        r["seconds"] += time.perf_counter() - t0
+        r["steps"] += env.num_envs * algo.cfg.steps_per_env
+        r["obs"], r["info"] = obs, info
+    while runs["ppo"]["steps"] < steps:
+        for r in runs.values():
+            iteration(r)
+    ours = {name: r["steps"] / r["seconds"] for name, r in runs.items()}
     try:
         from stable_baselines3 import PPO as SB3PPO
         from stable_baselines3.common.env_util import make_vec_env

@@ -57,7 +57,7 @@ class ShapingPPO(ConstrainedPPO):
     def constraint_loss(self, idx, dist, ratio):
         if self.mirror_obs is None:
             return torch.zeros(()), 1.0
-        return self.cfg.mirror_weight * self.mirror_loss(self.rollout_obs[idx]), 1.0
+        return self.cfg.mirror_weight * self.mirror_loss(self.rollout_obs[idx], dist.mean), 1.0
 
 
 # ---- ipo ----
@@ -79,7 +79,7 @@ class IPO(ConstrainedPPO):
 
     def constraint_loss(self, idx, dist, ratio):
         w = self.weights
-        return (w * self.surrogates(idx, ratio)).sum(), 1.0 + w.sum()
+        return (w * self.surrogates(idx, dist, ratio)).sum(), 1.0 + w.sum()
 
 
 # ---- p3o ----
@@ -103,7 +103,7 @@ class P3O(ConstrainedPPO):
         excess = (pessimistic_cost_surrogate(ratio, self.cost_adv[idx], c.clip)
                   + (self.J[:K] - self.budgets[:K]) / self.budgets[:K])
         if self.mirror_obs is not None:
-            excess = torch.cat([excess, (self.mirror_loss(self.rollout_obs[idx]) / self.budgets[K:]) - 1])
+            excess = torch.cat([excess, (self.mirror_loss(self.rollout_obs[idx], dist.mean) / self.budgets[K:]) - 1])
         return c.kappa * torch.relu(excess).sum(), 1.0
 
 
@@ -136,7 +136,7 @@ class CRPO(ConstrainedPPO):
             return torch.zeros(()), 1.0
         i = int(self.weights.argmax())
         if self.names[i] == "symmetry":
-            cost = self.mirror_loss(self.rollout_obs[idx])
+            cost = self.mirror_loss(self.rollout_obs[idx], dist.mean)
         else:
             cost = pessimistic_cost_surrogate(ratio, self.cost_adv[idx, i:i + 1], self.cfg.clip)[0]
         return CRPO_SWITCH * cost, CRPO_SWITCH
@@ -185,7 +185,7 @@ class PIDLagrangian(ConstrainedPPO):
 
     def constraint_loss(self, idx, dist, ratio):
         lam = self.weights
-        return (lam * self.surrogates(idx, ratio)).sum(), 1.0 + lam.sum()
+        return (lam * self.surrogates(idx, dist, ratio)).sum(), 1.0 + lam.sum()
 
 
 BASELINES = {"ppo_shaping": (ShapingPPO, ShapingConfig), "ipo": (IPO, IPOConfig), "p3o": (P3O, P3OConfig),

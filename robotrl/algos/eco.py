@@ -222,17 +222,19 @@ class ConstrainedPPO(PPO):
         return self.model.cost_critic(self.model.critic_norm(critic_obs))
 
     # ---- the constraints' terms ----
-    def mirror_loss(self, obs: torch.Tensor) -> torch.Tensor:
-        """‖π(s) − M_a π(M_s s)‖² on the action means, mean over samples and joints."""
+    def mirror_loss(self, obs: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """‖π(s) − M_a π(M_s s)‖² on the action means, mean over samples and joints. `mean`: π(s)
+        when the caller has it already (PPO's minibatch forward), saving an actor pass."""
         mu = self.model.action_mean
-        return ((mu(obs) - self.mirror_act(mu(self.mirror_obs(obs)))) ** 2).mean()
+        mean = mu(obs) if mean is None else mean
+        return ((mean - self.mirror_act(mu(self.mirror_obs(obs)))) ** 2).mean()
 
-    def surrogates(self, idx: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    def surrogates(self, idx: torch.Tensor, dist, ratio: torch.Tensor) -> torch.Tensor:
         """One differentiable term per constraint, in `names` order: mean(Â_c·ρ) for each per-step cost,
         the mirror loss itself for symmetry."""
         terms = (ratio[:, None] * self.cost_adv[idx]).mean(0)
         if self.mirror_obs is not None:
-            terms = torch.cat([terms, self.mirror_loss(self.rollout_obs[idx])[None]])
+            terms = torch.cat([terms, self.mirror_loss(self.rollout_obs[idx], dist.mean)[None]])
         return terms
 
     def update_weights(self, J: torch.Tensor) -> torch.Tensor:
@@ -338,4 +340,4 @@ class ECO(ConstrainedPPO):
 
     def constraint_loss(self, idx, dist, ratio):
         lam = self.weights
-        return (lam * self.surrogates(idx, ratio)).sum(), 1.0 + lam.sum()
+        return (lam * self.surrogates(idx, dist, ratio)).sum(), 1.0 + lam.sum()
