@@ -80,6 +80,7 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
     vec_rate = _rate(vec, seconds)
     train, sb3 = bench_ppo(ppo_steps)
     ours, eco = train["ppo"], train["eco"]
+    walker, _ = bench_ppo(ppo_steps // 2, hidden="[256,128,64]", sb3=False)   # the shipped walkers' networks
     raw = batched["raw_steps_per_s"]
     res = {"substeps": venv.task.substeps, "num_envs": num_envs,
            "raw_mj_steps_per_s": raw, "env_steps_per_s": batched["env_steps_per_s"], "env_over_raw": batched["over_raw"],
@@ -89,6 +90,7 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
            "vec_env_steps_per_s": vec_rate, "vec_over_raw": vec_rate / raw,
            "ppo_env_steps_per_s": ours, "sb3_env_steps_per_s": sb3,
            "eco_env_steps_per_s": eco, "eco_overhead": ours / eco - 1.0,
+           "eco_overhead_walker_net": walker["ppo"] / walker["eco"] - 1.0,
            "ppo_over_sb3": (ours / sb3) if sb3 else None, "threads": {"torch": torch.get_num_threads(), "physics": 2}}
     rows = [(f"raw mj_step replay, {num_envs} envs' states, 1 thread", f"{raw:,.0f} /s", ""),
             (f"vector env.step, {num_envs} envs, 1 thread", f"{res['env_steps_per_s']:,.0f} /s",
@@ -99,6 +101,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
             ("robotrl PPO training", f"{ours:,.0f} env-steps/s", ""),
             ("robotrl ECO training (same core, interleaved)", f"{eco:,.0f} env-steps/s",
              f"{res['eco_overhead']:+.1%} time vs PPO (goal < 10 %)"),
+            ("ECO vs PPO with the walkers' 256-128-64 networks", "",
+             f"{res['eco_overhead_walker_net']:+.1%} time vs PPO"),
             ("stable-baselines3 PPO training", f"{sb3:,.0f} env-steps/s" if sb3 else "not installed",
              f"{res['ppo_over_sb3']:.2f}× sb3" if sb3 else "")]
     _table(f"bench sim (humanoid_walk, kid_biped, {venv.task.substeps} physics steps per env step; "
@@ -106,7 +110,7 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
     return res
 
 
-def bench_ppo(steps: int) -> tuple[dict[str, float], float | None]:
+def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[dict[str, float], float | None]:
     """Env-steps/s of the training loop: our PPO and ECO (the same PPO core plus costs, cost critic,
     multipliers and mirror loss), interleaved iteration by iteration so that both see the same
     machine; then stable-baselines3's PPO on the same task."""
@@ -114,7 +118,7 @@ def bench_ppo(steps: int) -> tuple[dict[str, float], float | None]:
     from robotrl.cli import compose_train_config
     from robotrl.runner import build
     torch.set_num_threads(1)
-    common = ["num_envs=64", "algo.actor_hidden=[64,64]", "algo.critic_hidden=[64,64]", "algo.steps_per_env=32"]
+    common = ["num_envs=64", f"algo.actor_hidden={hidden}", f"algo.critic_hidden={hidden}", "algo.steps_per_env=32"]
     runs = {}
     for name in ("ppo", "eco"):
         env, algo = build(compose_train_config([f"algo={name}", *common]))
@@ -140,6 +144,8 @@ def bench_ppo(steps: int) -> tuple[dict[str, float], float | None]:
         for r in runs.values():
             iteration(r)
     ours = {name: r["steps"] / r["seconds"] for name, r in runs.items()}
+    if not sb3:
+        return ours, None
     try:
         from stable_baselines3 import PPO as SB3PPO
         from stable_baselines3.common.env_util import make_vec_env
@@ -152,8 +158,7 @@ def bench_ppo(steps: int) -> tuple[dict[str, float], float | None]:
     sb3_steps = max(2048, steps // 4)
     t0 = time.perf_counter()
     model.learn(total_timesteps=sb3_steps)
-    sb3 = model.num_timesteps / (time.perf_counter() - t0)
-    return ours, sb3
+    return ours, model.num_timesteps / (time.perf_counter() - t0)
 
 
 def bench_infer(artifact: str | None, calls: int) -> dict:

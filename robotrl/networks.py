@@ -63,6 +63,7 @@ class ActorCritic(nn.Module):
         self.actor = mlp([obs_size, *actor_hidden, action_size], activation, out_gain=0.01)
         self.critic = mlp([critic_obs_size, *critic_hidden, 1], activation, out_gain=1.0)
         self.log_std = nn.Parameter(torch.full((action_size,), float(torch.log(torch.tensor(init_std)))))
+        self.cost_head = None   # constrained methods add a Linear: cost values from the critic's features
 
     def action_mean(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor(self.obs_norm(obs))
@@ -72,6 +73,12 @@ class ActorCritic(nn.Module):
 
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.critic_norm(critic_obs)).squeeze(-1)
+
+    def values(self, critic_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The value and, with a cost head, the cost values [..., K]: one pass through the critic."""
+        features = self.critic[:-1](self.critic_norm(critic_obs))
+        costs = self.cost_head(features) if self.cost_head is not None else None
+        return self.critic[-1](features).squeeze(-1), costs
 
     def export(self, path, manifest: dict, parity_obs, **kwargs) -> dict:
         """Write this policy as one artifact (normaliser, actor mean, action post-processing)."""

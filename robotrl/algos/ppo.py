@@ -99,6 +99,7 @@ class PPO:
                                  cfg.activation, cfg.init_std)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.lr = cfg.lr
+        self.cost_values = None   # of the last act(), when the model has a cost head
         self.buffer = RolloutBuffer(cfg.steps_per_env, num_envs, obs_size, critic_size, action_size)
 
     def training_state(self) -> dict:
@@ -115,8 +116,9 @@ class PPO:
         self.model.critic_norm.update(critic_obs)
         dist = self.model.distribution(obs)
         action = dist.sample()
+        value, self.cost_values = self.model.values(critic_obs)   # cost values: None without a cost head
         self.buffer.add(obs=obs, critic_obs=critic_obs, actions=action, logp=dist.log_prob(action).sum(-1),
-                        values=self.model.value(critic_obs), mu=dist.mean, sigma=dist.stddev)
+                        values=value, mu=dist.mean, sigma=dist.stddev)
         return action
 
     @torch.no_grad()
@@ -133,10 +135,11 @@ class PPO:
         return self.model.value(critic_obs)
 
     def update(self, last_critic_obs: torch.Tensor, progress: float, step: int,
-               extra_loss=None) -> dict[str, float]:
+               extra_loss=None, cost_returns: torch.Tensor | None = None) -> dict[str, float]:
         """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio) -> (loss, scale)`
         lets constrained variants add their terms; `scale` divides the reward surrogate (ECO's
-        normalised combined loss)."""
+        normalised combined loss). `cost_returns` [T·N, K]: targets of the model's cost head, fitted
+        with the value in the same passes."""
         c, b, m = self.cfg, self.buffer, self.model
         check_finite("rewards", b.rewards, step)
         check_finite("observations", b.obs, step)
@@ -178,9 +181,13 @@ class PPO:
                 if extra_loss is not None:
                     extra, scale = extra_loss(idx, dist, ratio)
                     policy_loss = (surrogate + extra) / scale
-                v = m.value(cobs[idx])
+                v, cost_v = m.values(cobs[idx])
                 v_clipped = old_v[idx] + torch.clamp(v - old_v[idx], -c.value_clip, c.value_clip)
                 value_loss = torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2).mean()
+                if cost_returns is not None:
+                    cost_loss = ((cost_v - cost_returns[idx]) ** 2).mean()
+                    stats["loss/cost_value"] = stats.get("loss/cost_value", 0.0) + cost_loss.item()
+                    value_loss = value_loss + cost_loss
                 loss = policy_loss + c.value_coef * value_loss - c.entropy_coef * entropy
                 check_finite("loss", loss.detach(), step)
                 self.opt.zero_grad()

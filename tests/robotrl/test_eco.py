@@ -233,19 +233,19 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
 
 
 def test_resume_restores_the_multipliers_optimiser_and_cost_window(runs, tmp_path):
-    """A resumed ECO run goes on with λ's Adam moments, the cost critic's optimiser and the
-    window of finished episodes' costs that J is estimated from, not fresh ones."""
+    """A resumed ECO run goes on with λ's Adam moments, the optimiser's and the window of finished
+    episodes' costs that J is estimated from, not fresh ones."""
     from robotrl.checkpoint import load_checkpoint
     run = tmp_path / "eco"
     shutil.copytree(runs["eco"], run)
     before = load_checkpoint(run)
     state = before["algo_state"]
-    assert state["lambda_opt"]["state"] and state["cost_opt"]["state"]   # Adam moments exist
+    assert state["lambda_opt"]["state"] and state["opt"]["state"]   # Adam moments exist
     assert main(["train", f"resume={run}", "total_steps=192"]) == 0
     after = load_checkpoint(run)
     assert after["iteration"] == before["iteration"] + 1
     # Adam's step count went on from where it was: the optimiser state was loaded, not re-created
     step = lambda s: int(next(iter(s["state"].values()))["step"])  # noqa: E731
     assert step(after["algo_state"]["lambda_opt"]) == step(state["lambda_opt"]) + 1
-    assert step(after["algo_state"]["cost_opt"]) > step(state["cost_opt"])
+    assert step(after["algo_state"]["opt"]) > step(state["opt"])
     assert len(after["algo_state"]["episodes"]["finished"]) >= len(state["episodes"]["finished"])
