@@ -79,6 +79,12 @@ def cmd_train(args: list[str]) -> Path:
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")
     from robotrl.offpolicy import is_offpolicy
+    if cfg.get("resume"):   # the run's own algo decides, not this command line's default
+        from robotrl.checkpoint import load_checkpoint
+        algo = load_checkpoint(cfg.resume)["config"]["algo"]["name"]
+        if is_offpolicy(algo):
+            raise UsageError(f"resume is not supported for algo={algo} runs (the replay buffer is not "
+                             "checkpointed); start a new run")
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
         from robotrl.offpolicy import train as train_offpolicy
         return train_offpolicy(cfg)

@@ -489,3 +489,8 @@ def test_baselines_train_and_export(algo, extra, bc_run, tmp_path):
     assert main(["export", f"run={d}", f"out={d}/p.pt"]) == 0
     m = load_artifact(d / "p.pt").manifest
     assert m["policy"]["family"] == algo and m["training"]["algo"] == algo
+
+
+def test_resume_of_an_offpolicy_run_is_refused_by_name(bc_run, capsys):
+    assert main(["train", f"resume={bc_run}"]) == 2   # not handed to the PPO runner by default
+    assert "resume is not supported for algo=bc" in capsys.readouterr().err
