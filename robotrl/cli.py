@@ -75,16 +75,20 @@ def compose_train_config(overrides: list[str]):
 def cmd_train(args: list[str]) -> Path:
     from robotrl.runner import train
     from real.robot_spec import available_robots
+    from robotrl.offpolicy import is_offpolicy
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    if resume:   # the run's own algo decides which runner goes on with it
+        from robotrl.checkpoint import load_checkpoint
+        if is_offpolicy(load_checkpoint(resume)["config"]["algo"]["name"]):
+            from robotrl.offpolicy import resume as resume_offpolicy
+            rest = [a for a in args if not a.startswith(("resume=", "algo.env_steps="))]
+            if rest:
+                raise UsageError(f"resume= of an off-policy run takes only algo.env_steps=N besides; got {rest}")
+            env_steps = next((float(a.split("=", 1)[1]) for a in args if a.startswith("algo.env_steps=")), None)
+            return resume_offpolicy(resume, env_steps)
     cfg = compose_train_config(args)
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")
-    from robotrl.offpolicy import is_offpolicy
-    if cfg.get("resume"):   # the run's own algo decides, not this command line's default
-        from robotrl.checkpoint import load_checkpoint
-        algo = load_checkpoint(cfg.resume)["config"]["algo"]["name"]
-        if is_offpolicy(algo):
-            raise UsageError(f"resume is not supported for algo={algo} runs (the replay buffer is not "
-                             "checkpointed); start a new run")
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
         from robotrl.offpolicy import train as train_offpolicy
         return train_offpolicy(cfg)

@@ -3,18 +3,28 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, resume: bool = False):
+    def __init__(self, run_dir: Path, resume_at: int | None = None):
+        """resume_at: the env step of the checkpoint a run resumes from; the CSV keeps its rows up
+        to there (the ones logged after it, before the run stopped, are logged again)."""
         from torch.utils.tensorboard import SummaryWriter
         self.csv_path = run_dir / "metrics.csv"
         self.tb = SummaryWriter(str(run_dir / "tb"))
         self.columns: list[str] | None = None
-        if resume and self.csv_path.exists():
+        if resume_at is not None and self.csv_path.exists():
             with open(self.csv_path) as f:
-                self.columns = next(csv.reader(f), None)
+                rows = list(csv.reader(f))
+            if rows:
+                self.columns = rows[0]
+                kept = [r for r in rows[1:] if r and float(r[0]) <= resume_at]
+                tmp = self.csv_path.with_suffix(".tmp")
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows([self.columns, *kept])
+                os.replace(tmp, self.csv_path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

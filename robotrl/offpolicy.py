@@ -113,9 +113,6 @@ def base_act_fn(base, actor=None, clip: float = 1.0):
 # ---------------------------------------------------------------- the run folder
 def _setup(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
-    if cfg.get("resume"):
-        raise ValueError(f"resume is not supported for algo={cfg.algo.name} (the replay buffer is not checkpointed); "
-                         "start a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -300,7 +297,7 @@ class Collector:
 
 
 def run_resfit(env, learner, base, online, demo_rb, c, clip: float, seed: int | None = None,
-               after_step=None) -> Collector:
+               after_step=None, start_step: int = 0, successes: list[float] | None = None) -> Collector:
     """The off-policy loop: `c.env_steps` environment steps (warm-up: base + uniform noise
     for `learning_starts`; then residual + exploration noise), and after `learning_starts`
     every env step is followed by utd critic updates and, after `critic_warmup` more steps,
@@ -308,7 +305,8 @@ def run_resfit(env, learner, base, online, demo_rb, c, clip: float, seed: int | 
     from robotrl.algos.resfit import NStep
     collector = Collector(env, learner, base, online, NStep(c.nstep, c.gamma, env.num_envs), clip)
     collector.reset(seed=seed)
-    env_steps, stats, t_update = 0, {}, 0.0
+    collector.successes = list(successes or [])
+    env_steps, stats, t_update = start_step, {}, 0.0
     while env_steps < c.env_steps:
         collector.step("warmup" if env_steps < c.learning_starts else "explore")
         env_steps += env.num_envs
@@ -328,7 +326,27 @@ def unwrap(base):
     return base.base if isinstance(base, OffsetBase) else base
 
 
-def train_resfit(cfg: DictConfig) -> Path:
+RESUMABLE = ("resfit", "rlpd")
+
+
+def resume(run: str | Path, env_steps: int | None = None) -> Path:
+    """Go on with a resfit / rlpd run from its last checkpoint (written at every evaluation:
+    learner, optimisers, targets, the online replay and the counters), in the folder it is in now,
+    to its own algo.env_steps or to `env_steps`. Episodes in progress when it stopped start over."""
+    ckpt = load_checkpoint(run)
+    algo = ckpt["config"]["algo"]["name"]
+    if algo not in RESUMABLE:
+        raise ValueError(f"resume is not supported for algo={algo} runs; it is for {', '.join(RESUMABLE)}")
+    if "replay" not in ckpt:
+        raise ValueError(f"{run}: this checkpoint holds no replay buffer (written before resume existed); start a new run")
+    cfg = OmegaConf.create(ckpt["config"])
+    cfg.run_dir = str(Path(run) if Path(run).is_dir() else Path(run).resolve().parents[1])
+    if env_steps is not None:
+        cfg.algo.env_steps = int(env_steps)
+    return train_resfit(cfg, ckpt)
+
+
+def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     from robotrl.algos.resfit import Replay, ResFiT, demo_transitions
     from sim.envs import TaskVectorEnv
     c = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
@@ -357,7 +375,13 @@ def train_resfit(cfg: DictConfig) -> Path:
     online = Replay(c.buffer_size, task.obs_size, task.action_size)
     demo_rb = demo_transitions(demos, base, base.norm, c.nstep, c.gamma) if (c.use_demos and demos is not None) else None
     train_base, eval_base = base.with_batch(c.num_envs), base.with_batch(c.eval_envs)
-    logger = Rows(MetricsLogger(run_dir), RESFIT_KEYS)
+    start = 0
+    if ckpt is not None:
+        learner.load_state_dict(ckpt["model"]["learner"])
+        online.load(ckpt["replay"])
+        start = ckpt["env_steps"]
+        print(f"resumed {run_dir} at env step {start} ({online.size} online transitions)")
+    logger = Rows(MetricsLogger(run_dir, resume_at=start if ckpt is not None else None), RESFIT_KEYS)
     print(f"{c.name}: base {'off (RLPD-style)' if not c.use_base else c.base}; demos "
           f"{demo_rb.size if demo_rb else 0} transitions from {demos.num_episodes if demos else 0} episodes; "
           f"{c.env_steps} env steps, UTD {c.utd}, {c.num_q} Q heads")
@@ -369,9 +393,10 @@ def train_resfit(cfg: DictConfig) -> Path:
             print(f"  env step {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
         return ev
 
-    ev0 = run_eval(0)
-    logger.log(0, {"eval/success_rate": ev0["success_rate"], "eval/episode_length": ev0["episode_length"]})
-    t0, next_log, next_eval = time.perf_counter(), c.log_every, c.eval_every
+    ev0 = ckpt["eval0"] if ckpt is not None else run_eval(0)
+    if ckpt is None:
+        logger.log(0, {"eval/success_rate": ev0["success_rate"], "eval/episode_length": ev0["episode_length"]})
+    t0, next_log, next_eval = time.perf_counter(), start + c.log_every, start + c.eval_every
     ev = ev0
 
     def after_step(env_steps: int, stats: dict, collector: Collector, t_update: float) -> None:
@@ -385,19 +410,23 @@ def train_resfit(cfg: DictConfig) -> Path:
                          "env_steps": env_steps, "config": OmegaConf.to_container(cfg, resolve=True),
                          "base_config": base_cfg, "obs_size": task.obs_size, "action_size": task.action_size,
                          "parity_obs": ev.get("parity_obs"), "parity_starts": ev.get("parity_starts"),
-                         "eval": {k: v for k, v in ev.items() if not k.startswith("parity")}},
+                         "eval": {k: v for k, v in ev.items() if not k.startswith("parity")},
+                         "eval0": {k: v for k, v in ev0.items() if not k.startswith("parity")},
+                         "replay": online.state(), "successes": collector.successes},
                         run_dir / "checkpoints" / "last.pt")
         if env_steps >= next_log or row:
             next_log += c.log_every if env_steps >= next_log else 0
             recent = collector.successes[-20:]
             row.update({"train/success_rate": float(np.mean(recent)) if recent else np.nan,
                         "train/episodes": len(collector.successes), **stats,
-                        "perf/env_steps_per_s": env_steps / (time.perf_counter() - t0),
+                        "perf/env_steps_per_s": (env_steps - start) / (time.perf_counter() - t0),
                         "perf/critic_updates_per_s": learner.critic_updates / max(t_update, 1e-9),
                         "replay/online": online.size})
             logger.log(env_steps, row)
 
-    collector = run_resfit(env, learner, train_base, online, demo_rb, c, clip, seed=cfg.seed, after_step=after_step)
+    collector = run_resfit(env, learner, train_base, online, demo_rb, c, clip, seed=cfg.seed + start,
+                           after_step=after_step, start_step=start,
+                           successes=ckpt["successes"] if ckpt is not None else None)
     env_steps = c.env_steps
     env.close()
     logger.close()

@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> Path:
         print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
     elif cfg.get("init_from"):
         init_policy(algo.model, cfg.init_from)
-    logger = MetricsLogger(run_dir, resume=ckpt is not None)
+    logger = MetricsLogger(run_dir, resume_at=env_steps if ckpt is not None else None)
     per_iter = env.num_envs * algo.cfg.steps_per_env
     total_iters = max(1, int(np.ceil(cfg.total_steps / per_iter)))
     from tqdm import tqdm

@@ -344,6 +344,15 @@ class Replay:
         idx = torch.randint(0, self.size, (n,), generator=gen)
         return {k: v[idx] for k, v in self.data.items()}
 
+    def state(self) -> dict:
+        """The filled part, for a checkpoint."""
+        return {"size": self.size, "ptr": self.ptr, "data": {k: v[:self.size].clone() for k, v in self.data.items()}}
+
+    def load(self, state: dict) -> None:
+        self.size, self.ptr = state["size"], state["ptr"]
+        for k, v in state["data"].items():
+            self.data[k][:self.size] = v
+
     def bytes_per_transition(self) -> int:
         return sum(v[0].numel() * v.element_size() for v in self.data.values())
 
@@ -530,11 +539,14 @@ class ResFiT:
     def state_dict(self) -> dict:
         return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
                 "actor_target": self.actor_target.state_dict(), "critic_target": self.critic_target.state_dict(),
-                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                "gen": self.gen.get_state(), "critic_updates": self.critic_updates, "actor_updates": self.actor_updates}
 
     def load_state_dict(self, sd: dict) -> None:
         for k in ("actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt"):
             getattr(self, k).load_state_dict(sd[k])
+        self.gen.set_state(sd["gen"])
+        self.critic_updates, self.actor_updates = sd["critic_updates"], sd["actor_updates"]
 
 
 # ---------------------------------------------------------------- what runs on the robot

@@ -491,6 +491,29 @@ def test_baselines_train_and_export(algo, extra, bc_run, tmp_path):
     assert m["policy"]["family"] == algo and m["training"]["algo"] == algo
 
 
-def test_resume_of_an_offpolicy_run_is_refused_by_name(bc_run, capsys):
+def test_resume_of_a_bc_run_is_refused_by_name(bc_run, capsys):
     assert main(["train", f"resume={bc_run}"]) == 2   # not handed to the PPO runner by default
     assert "resume is not supported for algo=bc" in capsys.readouterr().err
+
+
+def test_resfit_resumes_with_its_learner_and_replay(resfit_run, tmp_path):
+    """A stopped resfit run goes on in the folder it is in now, from its checkpoint: the learner's
+    counters, optimisers and online replay continue, and the CSV holds each step once."""
+    import shutil
+    from robotrl.checkpoint import load_checkpoint
+    from robotrl.logging import read_csv
+    run = tmp_path / "moved"
+    shutil.copytree(resfit_run, run)
+    before = load_checkpoint(run)
+    assert before["env_steps"] == 120 and before["replay"]["size"] > 0
+    assert main(["train", f"resume={run}", "algo.env_steps=200"]) == 0
+    after = load_checkpoint(run)
+    assert after["env_steps"] == 200 and after["config"]["run_dir"] == str(run)
+    learner0, learner1 = before["model"]["learner"], after["model"]["learner"]
+    assert learner1["critic_updates"] == learner0["critic_updates"] + 80   # utd 1 from where it was
+    assert int(next(iter(learner1["critic_opt"]["state"].values()))["step"]) == learner1["critic_updates"]
+    assert after["replay"]["size"] > before["replay"]["size"]
+    assert torch.equal(after["replay"]["data"]["obs"][:5], before["replay"]["data"]["obs"][:5])
+    steps = read_csv(run / "metrics.csv")["env_steps"]
+    assert steps == sorted(set(steps)) and steps[-1] == 200
+    assert load_checkpoint(resfit_run)["env_steps"] == 120   # the original folder was left alone
