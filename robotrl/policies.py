@@ -27,7 +27,12 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
         return export_offpolicy(run, out)
     env, algo = build(cfg, num_envs=1)
-    algo.model.load_state_dict(ckpt["model"])
+    # The artifact needs the policy only (normaliser, actor): critic-side parts may differ between
+    # versions (ECO's cost critic became a cost head) without stopping an export.
+    missing, _ = algo.model.load_state_dict(ckpt["model"], strict=False)
+    policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm."))]
+    if policy_missing:
+        raise ValueError(f"{run}: the checkpoint lacks policy tensors {policy_missing}")
     run_dir = Path(cfg.run_dir)
     path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}.pt"
     manifest = artifact_manifest(env.task, ckpt["config"], run_dir.name, ckpt["env_steps"])
