@@ -153,8 +153,10 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
         return ours, None
     from sim.envs import TaskEnv
     venv = make_vec_env(lambda: TaskEnv("humanoid_walk"), n_envs=8, seed=0)
+    from stable_baselines3.common.logger import Logger
     model = SB3PPO("MlpPolicy", venv, n_steps=256, batch_size=512, n_epochs=5, verbose=0, device="cpu",
                    policy_kwargs={"net_arch": [64, 64]})
+    model.set_logger(Logger(folder=None, output_formats=[]))   # its default logger leaves /tmp/SB3-* folders
     sb3_steps = max(2048, steps // 4)
     t0 = time.perf_counter()
     model.learn(total_timesteps=sb3_steps)
