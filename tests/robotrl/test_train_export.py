@@ -204,4 +204,4 @@ def test_init_from_copies_the_policy_and_keeps_new_parts_fresh(run, capsys):
     theirs = load_checkpoint(run)["model"]
     for k in ("actor.0.weight", "obs_norm.mean", "log_std"):
         torch.testing.assert_close(algo.model.state_dict()[k], theirs[k])
-    assert "fresh: cost_critic" in capsys.readouterr().out
+    assert "fresh: cost_head" in capsys.readouterr().out
