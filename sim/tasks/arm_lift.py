@@ -61,13 +61,14 @@ class ArmLiftConfig:
             raise ValueError(f"task.history must be >= 1, got {self.history}")
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"task.reward_mode must be one of {list(REWARD_MODES)}, got {self.reward_mode!r}")
-        unknown = sorted(set(self.reward) - set(REWARDS))
+        rewards, object_terms = self.known_terms()
+        unknown = sorted(set(self.reward) - set(rewards))
         if unknown:
-            raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(REWARDS)}")
-        unknown = sorted(set(self.observation) - set(JOINT_TERMS) - set(OBJECT_TERMS))
+            raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(rewards)}")
+        unknown = sorted(set(self.observation) - set(JOINT_TERMS) - set(object_terms))
         if unknown:
             raise ValueError(f"task.observation: unknown term(s) {unknown}; "
-                             f"available: {sorted(JOINT_TERMS + tuple(OBJECT_TERMS))}")
+                             f"available: {sorted(JOINT_TERMS + tuple(object_terms))}")
         for key in ("size", "mass", "friction"):
             if getattr(self.cube, key) <= 0:
                 raise ValueError(f"task.cube.{key} must be > 0, got {getattr(self.cube, key)}")
@@ -75,6 +76,10 @@ class ArmLiftConfig:
             lo_hi = getattr(self.cube, key)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise ValueError(f"task.cube.{key} must be [low, high] with low <= high, got {list(lo_hi)}")
+
+    def known_terms(self) -> tuple[dict, dict]:
+        """This task's reward terms and object observation terms (a task built on this one adds its own)."""
+        return REWARDS, OBJECT_TERMS
 
 
 # ---- observation terms ----

@@ -14,9 +14,8 @@ import numpy as np
 
 from real.observations import TERMS as ROBOT_TERMS
 from real.observations import ObsLayout, RobotState
-from sim.randomization import Randomization
 from sim.tasks import arm_lift
-from sim.tasks.arm_lift import JOINT_TERMS, CubeConfig
+from sim.tasks.arm_lift import JOINT_TERMS
 
 # the terms of this task beyond arm_lift's: name -> (function of the step quantities, size, meaning).
 # The sizes of the camera terms depend on the config (None here; ArmPlace._term_size).
@@ -74,48 +73,27 @@ class PointCloudConfig:
 
 
 @dataclasses.dataclass
-class ArmPlaceConfig:
-    name: str
-    robot: str
-    episode_s: float
-    action_scale: float
-    gripper_scale: float
-    action_clip: float
-    history: int
-    reward_mode: str
-    observation: dict[str, float]
-    reward: dict[str, float]
-    cube: CubeConfig
+class ArmPlaceConfig(arm_lift.ArmLiftConfig):
+    """arm_lift's config (lift_height is the dense 'lift' term only here; hold_s: placed, resting
+    and released for this long) plus the target and the perception options."""
     target: TargetConfig
     place_tolerance: float  # |cube - target| in the table plane, m
-    lift_height: float      # dense 'lift' term only
-    hold_s: float           # placed (resting, released, on target) for this long
-    randomization: Randomization
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
     point_cloud: PointCloudConfig = dataclasses.field(default_factory=PointCloudConfig)
 
     def __post_init__(self):
-        for key in ("episode_s", "action_scale", "gripper_scale", "action_clip", "lift_height", "place_tolerance"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")
-        if self.hold_s < 0 or self.history < 1:
-            raise ValueError(f"task.hold_s must be >= 0 and task.history >= 1, got {self.hold_s}, {self.history}")
-        if self.reward_mode not in arm_lift.REWARD_MODES:
-            raise ValueError(f"task.reward_mode must be one of {list(arm_lift.REWARD_MODES)}, got {self.reward_mode!r}")
-        unknown = sorted(set(self.reward) - set(REWARDS))
-        if unknown:
-            raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(REWARDS)}")
-        unknown = sorted(set(self.observation) - set(JOINT_TERMS) - set(OBJECT_TERMS))
-        if unknown:
-            raise ValueError(f"task.observation: unknown term(s) {unknown}; "
-                             f"available: {sorted(JOINT_TERMS + tuple(OBJECT_TERMS))}")
+        super().__post_init__()
+        if self.place_tolerance <= 0:
+            raise ValueError(f"task.place_tolerance must be > 0, got {self.place_tolerance}")
         for key in ("x", "y"):
-            for owner, name in ((self.cube, "cube"), (self.target, "target")):
-                lo_hi = getattr(owner, key)
-                if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
-                    raise ValueError(f"task.{name}.{key} must be [low, high] with low <= high, got {list(lo_hi)}")
+            lo_hi = getattr(self.target, key)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise ValueError(f"task.target.{key} must be [low, high] with low <= high, got {list(lo_hi)}")
         if self.target.min_distance < 0:
             raise ValueError(f"task.target.min_distance must be >= 0, got {self.target.min_distance}")
+
+    def known_terms(self) -> tuple[dict, dict]:
+        return REWARDS, OBJECT_TERMS
 
 
 class ArmPlace(arm_lift.ArmLift):
