@@ -279,22 +279,29 @@ class ArmLift:
     def step(self, actions: np.ndarray):
         c, sim = self.cfg, self.sim
         s = self._advance(actions)
-        self.held = np.where(s["grasped"] & (s["cube_height"] >= c.lift_height), self.held + 1, 0)
+        self.held = np.where(self._goal_held(s), self.held + 1, 0)
         s["success"] = self.held >= self.hold_steps
         if c.reward_mode == "sparse":
             terms = {}
             reward = s["success"].astype(np.float64)
         else:
-            terms = {name: w * REWARDS[name](s) for name, w in c.reward.items()}
+            rewards = c.known_terms()[0]
+            terms = {name: w * rewards[name](s) for name, w in c.reward.items()}
             reward = sum(terms.values())
         terminated = s["success"] | ~np.isfinite(sim.state).all(axis=1)
         self.history[:, :-1] = self.history[:, 1:]
         self.history[:, -1] = self._frame()
         info = {"success": s["success"].astype(np.float64), "cube_height": s["cube_height"],
-                "grasped": s["grasped"].astype(np.float64),
-                "tcp_to_cube": np.linalg.norm(s["tcp"] - s["cube_pos"], axis=1),
+                "grasped": s["grasped"].astype(np.float64), **self._step_info(s),
                 **{f"reward/{k}": v for k, v in terms.items()}}
         return reward, terminated, info
+
+    def _goal_held(self, s) -> np.ndarray:
+        """Where the goal holds this step (success once it has held for hold_s)."""
+        return s["grasped"] & (s["cube_height"] >= self.cfg.lift_height)
+
+    def _step_info(self, s) -> dict:
+        return {"tcp_to_cube": np.linalg.norm(s["tcp"] - s["cube_pos"], axis=1)}
 
     # ---- what the artifact needs to know about this task ----
     def manifest(self) -> dict:

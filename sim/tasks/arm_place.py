@@ -207,29 +207,17 @@ class ArmPlace(arm_lift.ArmLift):
                  for t, k in zip(self.layout.terms, self.layout.scales)]
         return np.concatenate(parts, axis=-1).astype(np.float32)
 
-    def step(self, actions: np.ndarray):
+    def _goal_held(self, s) -> np.ndarray:
         c, sim = self.cfg, self.sim
-        s = self._advance(actions)
         on_target = np.linalg.norm(s["cube_pos"][:, :2] - s["target_pos"][:, :2], axis=1) <= c.place_tolerance
         resting = (s["cube_height"] < 0.005) & (np.linalg.norm(sim.qvel[:, self.cube_dadr:self.cube_dadr + 3], axis=1) < 0.05)
         released = ~self.pad_contact.any(axis=1)
         s["placed"] = on_target & resting & released
-        self.held = np.where(s["placed"], self.held + 1, 0)
-        s["success"] = self.held >= self.hold_steps
-        if c.reward_mode == "sparse":
-            terms = {}
-            reward = s["success"].astype(np.float64)
-        else:
-            terms = {name: w * REWARDS[name](s) for name, w in c.reward.items()}
-            reward = sum(terms.values())
-        terminated = s["success"] | ~np.isfinite(sim.state).all(axis=1)
-        self.history[:, :-1] = self.history[:, 1:]
-        self.history[:, -1] = self._frame()
-        info = {"success": s["success"].astype(np.float64), "cube_height": s["cube_height"],
-                "grasped": s["grasped"].astype(np.float64), "placed": s["placed"].astype(np.float64),
-                "cube_to_target": np.linalg.norm(s["cube_pos"][:, :2] - s["target_pos"][:, :2], axis=1),
-                **{f"reward/{k}": v for k, v in terms.items()}}
-        return reward, terminated, info
+        return s["placed"]
+
+    def _step_info(self, s) -> dict:
+        return {"placed": s["placed"].astype(np.float64),
+                "cube_to_target": np.linalg.norm(s["cube_pos"][:, :2] - s["target_pos"][:, :2], axis=1)}
 
     def manifest(self) -> dict:
         m = super().manifest()
