@@ -244,7 +244,8 @@ class ArmLift:
         s = self._quantities(noisy)
         state = RobotState(q=s["q"], dq=s["dq"], quat=None, gyro=None, command=None, phase=None,
                            last_action=self.action, q_default=self.robot.q_default)
-        parts = [(ROBOT_TERMS[t][0](state) if t in JOINT_TERMS else OBJECT_TERMS[t][0](s)) * k
+        object_terms = self.cfg.known_terms()[1]
+        parts = [(ROBOT_TERMS[t][0](state) if t in JOINT_TERMS else object_terms[t][0](s)) * k
                  for t, k in zip(self.layout.terms, self.layout.scales)]
         return np.concatenate(parts, axis=-1).astype(np.float32)
 

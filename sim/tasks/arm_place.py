@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from real.observations import TERMS as ROBOT_TERMS
-from real.observations import ObsLayout, RobotState
+from real.observations import ObsLayout
 from sim.tasks import arm_lift
 from sim.tasks.arm_lift import JOINT_TERMS
 
@@ -198,14 +198,6 @@ class ArmPlace(arm_lift.ArmLift):
                    else np.resize(np.arange(len(pts)), pc.points))
             out[:] = pts[idx]
         return out
-
-    def _frame(self, noisy: bool = True) -> np.ndarray:
-        s = self._quantities(noisy)
-        state = RobotState(q=s["q"], dq=s["dq"], quat=None, gyro=None, command=None, phase=None,
-                           last_action=self.action, q_default=self.robot.q_default)
-        parts = [(ROBOT_TERMS[t][0](state) if t in JOINT_TERMS else OBJECT_TERMS[t][0](s)) * k
-                 for t, k in zip(self.layout.terms, self.layout.scales)]
-        return np.concatenate(parts, axis=-1).astype(np.float32)
 
     def _goal_held(self, s) -> np.ndarray:
         c, sim = self.cfg, self.sim
