@@ -139,11 +139,11 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("b1") or 0)
-        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o-", label=method)
+        # points, not a line: runs of one method may differ in more than the budget (length, start)
+        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o", label=method)
         for r in pts:
-            if r.get("b1") is not None:
-                ax.annotate(f"b1={_fmt(r['b1'])}", (r["power_w"], r["vel_error"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+            label = r["label"] + (f" (b1={_fmt(r['b1'])})" if r.get("b1") is not None else "")
+            ax.annotate(label, (r["power_w"], r["vel_error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="average power in evaluation (W)", ylabel="velocity-tracking error (m/s)",
            title="energy–tracking trade-off across budgets")
     ax.grid(alpha=0.3)
