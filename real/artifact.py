@@ -2,8 +2,9 @@
 
 An artifact is one TorchScript file. Its module maps the observation vector to the policy
 action (`forward`), the action to joint targets (`command`), does both in one call (`step`,
-what a control tick runs), and clears any internal state (`reset`). Its manifest (manifest.json inside the archive) says how to build the observation,
-what the action means, and which robot, rates and gains it was trained for.
+what a control tick runs), and clears any internal state (`reset`). Its manifest (manifest.json
+inside the archive) says how to build the observation, what the action means, and which robot,
+rates and gains it was trained for.
 """
 from __future__ import annotations
 
