@@ -129,13 +129,7 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
         env, algo, obs, info = r["env"], r["algo"], r["obs"], r["info"]
         t0 = time.perf_counter()
         for _ in range(algo.cfg.steps_per_env):
-            a = algo.act(torch.as_tensor(obs), torch.as_tensor(info["critic_obs"]))
-            obs, rew, term, trunc, info = env.step(a.numpy())
-            value = torch.zeros(env.num_envs)
-            if trunc.any():
-                value[trunc] = algo.value(torch.as_tensor(info["final_critic_obs"][trunc]))
-            algo.record(torch.as_tensor(rew, dtype=torch.float32), torch.as_tensor(term), torch.as_tensor(trunc),
-                        value, info)
+            obs, _, _, _, info = algo.env_step(env, obs, info["critic_obs"])
         algo.update(torch.as_tensor(info["critic_obs"]), 0.0, r["steps"])
         r["seconds"] += time.perf_counter() - t0
         r["steps"] += env.num_envs * algo.cfg.steps_per_env

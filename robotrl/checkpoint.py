@@ -27,6 +27,12 @@ def save_atomic(obj: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
+def run_dir_of(path: str | Path) -> Path:
+    """The run folder of a run folder or of a checkpoint in its checkpoints/ (where it is now)."""
+    path = Path(path)
+    return path if path.is_dir() else path.resolve().parents[1]
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robotrl.checkpoint import load_checkpoint, save_atomic
+from robotrl.checkpoint import load_checkpoint, run_dir_of, save_atomic
 from robotrl.logging import MetricsLogger, plot_curves
 
 PARITY_EPISODES = 2
@@ -340,7 +340,7 @@ def resume(run: str | Path, env_steps: int | None = None) -> Path:
     if "replay" not in ckpt:
         raise ValueError(f"{run}: this checkpoint holds no replay buffer (written before resume existed); start a new run")
     cfg = OmegaConf.create(ckpt["config"])
-    cfg.run_dir = str(Path(run) if Path(run).is_dir() else Path(run).resolve().parents[1])
+    cfg.run_dir = str(run_dir_of(run))
     if env_steps is not None:
         cfg.algo.env_steps = int(env_steps)
     return train_resfit(cfg, ckpt)

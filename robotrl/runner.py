@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robotrl.checkpoint import load_checkpoint, save_atomic
+from robotrl.checkpoint import load_checkpoint, run_dir_of, save_atomic
 from robotrl.logging import MetricsLogger, plot_curves
 
 PARITY_ROWS = 512
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> Path:
         saved = OmegaConf.create(ckpt["config"])
         saved.total_steps = cfg.total_steps   # a resumed run may be extended
         # The run continues where its checkpoint is now (a run folder may have been moved or copied).
-        run_dir = Path(resume) if Path(resume).is_dir() else Path(resume).resolve().parents[1]
+        run_dir = run_dir_of(resume)
         saved.run_dir = str(run_dir)
         cfg = saved
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,14 +82,8 @@ def train(cfg: DictConfig) -> Path:
         t0 = time.perf_counter()
         power, vel_err, info_sums = [], [], {}
         for _ in range(algo.cfg.steps_per_env):
-            action = algo.act(torch.as_tensor(obs), torch.as_tensor(critic))
-            obs, reward, terminated, truncated, info = env.step(action.numpy())
+            obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
             critic = info["critic_obs"]
-            value = torch.zeros(env.num_envs)
-            if truncated.any():  # bootstrap time-outs, not failures
-                value[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
-            algo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
-                        torch.as_tensor(truncated), value, info)
             power.append(info["power_w"].mean())
             vel_err.append(info["vel_error"].mean() if "vel_error" in info else np.nan)
             for k, v in info.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from robotrl.networks import ActorCritic
@@ -129,6 +130,18 @@ class PPO:
         t = self.buffer.t - 1
         self.buffer.rewards[t] = rewards + self.cfg.gamma * torch.where(truncated, truncated_value, 0.0)
         self.buffer.dones[t] = (terminated | truncated).float()
+
+    def env_step(self, env, obs: np.ndarray, critic_obs: np.ndarray):
+        """One step of collection on a vector env (robotrl's TaskVectorEnv API): act, step,
+        bootstrap time-outs from the final critic observation, record. Returns env.step's tuple."""
+        action = self.act(torch.as_tensor(obs), torch.as_tensor(critic_obs))
+        obs, reward, terminated, truncated, info = env.step(action.numpy())
+        value = torch.zeros(env.num_envs)
+        if truncated.any():  # bootstrap time-outs, not failures
+            value[truncated] = self.value(torch.as_tensor(info["final_critic_obs"][truncated]))
+        self.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
+                    torch.as_tensor(truncated), value, info)
+        return obs, reward, terminated, truncated, info
 
     @torch.no_grad()
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:

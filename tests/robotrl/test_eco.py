@@ -136,14 +136,8 @@ def test_energy_cost_is_the_task_info_energy():
     obs, info = env.reset(seed=0)
     critic, finished = info["critic_obs"], []
     for t in range(12):
-        action = algo.act(torch.as_tensor(obs), torch.as_tensor(critic))
-        obs, reward, terminated, truncated, info = env.step(action.numpy())
+        obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
         critic = info["critic_obs"]
-        bonus = torch.zeros(env.num_envs)
-        if truncated.any():
-            bonus[truncated] = algo.value(torch.as_tensor(info["final_critic_obs"][truncated]))
-        algo.record(torch.as_tensor(reward, dtype=torch.float32), torch.as_tensor(terminated),
-                    torch.as_tensor(truncated), bonus, info)
         np.testing.assert_allclose(algo.costs[t, :, 0].numpy(), info["energy_j"], rtol=1e-6)
         if "_final_obs" in info:
             done = info["_final_obs"]
