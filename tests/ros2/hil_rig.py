@@ -146,6 +146,18 @@ class Hil:
                           firmware_port=fw.address[1], bind_host="127.0.0.1", bridge_port=bridge_port,
                           ramp_s=RAMP_S, **{**TIMING, **args})
 
+    def running_robot(self, artifact) -> tuple[EmulatedFirmware, FirmwareProbe, Graph]:
+        """launch/real.launch.yaml against a fresh emulated firmware, the robot started and running."""
+        fw, probe, port = self.firmware()
+        graph = self.real_graph(artifact, port, fw)
+        self.run_robot(fw)
+        return fw, probe, graph
+
+    def expect_policy(self, mode: str, fault: str = "", timeout: float = 3.0) -> None:
+        """Wait for the policy's safety status to show `mode`, its fault naming `fault`."""
+        wait_for(lambda: self.policy() == mode, timeout, f"the policy to enter {mode}", self.output)
+        assert fault in (self.policy("fault") or ""), self.policy("fault")
+
     def output(self) -> str:
         return "".join(out.getvalue() for _, out in self.graphs)
 

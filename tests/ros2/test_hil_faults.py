@@ -14,7 +14,7 @@ from firmware_bridge import Mode
 from real.artifact import weights_sha256
 from robotrl.deploy import NodeSpec
 from robotrl_ros.messages import CONTROL_QOS
-from hil_rig import FIRMWARE_WATCHDOG_MS, TIMING, free_udp_port, wait_for
+from hil_rig import FIRMWARE_WATCHDOG_MS, RAMP_S, TIMING, free_udp_port, wait_for
 
 def assert_damped_within_watchdog(fw, probe, t_fault) -> None:
     """The firmware went passive within its watchdog time (+2 physics steps to notice it) of
@@ -25,22 +25,17 @@ def assert_damped_within_watchdog(fw, probe, t_fault) -> None:
 
 
 def test_stale_state_damps(hil, artifact):
-    fw, probe, port = hil.firmware()
-    hil.real_graph(artifact, port, fw)
-    hil.run_robot(fw)
+    fw, probe, _ = hil.running_robot(artifact)
     t_fault = fw.sim.time
     fw.peer = ("127.0.0.1", free_udp_port())   # STATE frames now go nowhere: the robot computer hears nothing
-    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
-    assert "stale state" in hil.policy("fault")
+    hil.expect_policy("DAMPING", "stale state")
     # Commands still flow to the firmware: the policy's DAMPING request reaches it.
     probe.entered(Mode.DAMPING, after=t_fault)
     probe.check_applied()
 
 
 def test_nan_observation_damps(hil, artifact):
-    fw, probe, port = hil.firmware()
-    hil.real_graph(artifact, port, fw)
-    hil.run_robot(fw)
+    fw, probe, _ = hil.running_robot(artifact)
     # A corrupted IMU message: gyro is observation only, so the NaN goes through the policy.
     t_fault = fw.sim.time
     pub = hil.ros.node.create_publisher(Imu, "imu", CONTROL_QOS)
@@ -52,8 +47,7 @@ def test_nan_observation_damps(hil, artifact):
         bad.header.stamp = hil.ros.node.get_clock().now().to_msg()
         pub.publish(bad)
         time.sleep(0.002)
-    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
-    assert "non-finite desired target" in hil.policy("fault")   # it went through the network
+    hil.expect_policy("DAMPING", "non-finite desired target")   # it went through the network
     probe.entered(Mode.DAMPING, after=t_fault)
     probe.check_applied()
 
@@ -78,16 +72,13 @@ def test_nan_policy_output_damps(hil, nan_artifact):
     hil.real_graph(nan_artifact, port, fw)
     hil.start()
     # The ramp does not use the network; its first RUNNING tick does and must be refused.
-    wait_for(lambda: hil.policy() == "DAMPING", 5.0, "the policy to damp", hil.output)
-    assert "non-finite desired target" in hil.policy("fault")
+    hil.expect_policy("DAMPING", "non-finite desired target", timeout=5.0)
     probe.entered(Mode.DAMPING, after=probe.entered(Mode.RUNNING, after=0.0))
     probe.check_applied(min_count=10)   # the ramp's commands
 
 
 def test_policy_killed_firmware_damps_within_its_watchdog(hil, artifact):
-    fw, probe, port = hil.firmware()
-    graph = hil.real_graph(artifact, port, fw)
-    hil.run_robot(fw)
+    fw, probe, graph = hil.running_robot(artifact)
     t_fault, trips = fw.sim.time, hil.output().count("no joint command from the policy")
     graph.procs["policy"].send_signal(signal.SIGKILL)
     assert_damped_within_watchdog(fw, probe, t_fault)   # the bridge's watchdog is the faster one
@@ -97,25 +88,20 @@ def test_policy_killed_firmware_damps_within_its_watchdog(hil, artifact):
 
 
 def test_bridge_killed_firmware_and_policy_damp(hil, artifact):
-    fw, probe, port = hil.firmware()
-    graph = hil.real_graph(artifact, port, fw)
-    hil.run_robot(fw)
+    fw, probe, graph = hil.running_robot(artifact)
     t_fault = fw.sim.time
     graph.procs["bridge"].send_signal(signal.SIGKILL)
     assert_damped_within_watchdog(fw, probe, t_fault)   # only the firmware's own watchdog is left
-    wait_for(lambda: hil.policy() == "DAMPING", 3.0, "the policy to damp", hil.output)
-    assert "stale state" in hil.policy("fault")
+    hil.expect_policy("DAMPING", "stale state")
     probe.check_applied()
 
 
 def test_estop_while_running_is_latched(hil, artifact):
-    fw, probe, port = hil.firmware()
-    hil.real_graph(artifact, port, fw)
-    hil.run_robot(fw)
+    fw, probe, _ = hil.running_robot(artifact)
     t_fault = fw.sim.time
     assert hil.ros.call("/policy/estop").success
     t_estop = probe.entered(Mode.ESTOP, after=t_fault)
-    wait_for(lambda: hil.policy() == "ESTOP", 3.0, "the policy's ESTOP", hil.output)
+    hil.expect_policy("ESTOP")
     for service in ("/policy/start", "/policy/damp"):
         response = hil.ros.call(service)
         assert not response.success and "ESTOP is latched" in response.message, response.message
@@ -133,7 +119,7 @@ def test_policy_drives_firmware_directly_over_udp(hil, artifact):
     fw, probe, port = hil.firmware()
     spec = NodeSpec("robotrl_ros", "policy_node", "policy", params=[
         ("artifact", str(artifact)), ("hardware", "udp"), ("firmware_port", str(fw.address[1])),
-        ("bind_host", "127.0.0.1"), ("bind_port", str(port)), ("ramp_s", "0.5"),
+        ("bind_host", "127.0.0.1"), ("bind_port", str(port)), ("ramp_s", str(RAMP_S)),
         ("max_state_age", str(TIMING["max_state_age"]))])
     hil.nodes(spec)
     hil.run_robot(fw)
