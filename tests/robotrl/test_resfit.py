@@ -273,6 +273,23 @@ def test_artifact_in_the_twin_reproduces_the_runs_own_evaluation(bc_run, tmp_pat
     assert ev["episode_length_mean"] == ckpt["eval"]["episode_length"]
 
 
+def _reference_with_resets(base, actor, starts):
+    """The training-time policy run row by row with the chunk queue reset where an episode starts:
+    the reference an exported chunk artifact must match."""
+    from robotrl.offpolicy import base_act_fn
+    rb = base.with_batch(1)
+    act = base_act_fn(rb, actor, 1.0)
+
+    def reference(x):
+        rows = []
+        for i in range(len(x)):
+            if starts[i]:
+                rb.reset()
+            rows.append(torch.as_tensor(act(x[i:i + 1]))[0])
+        return torch.stack(rows)
+    return reference
+
+
 def test_resfit_export_is_one_artifact_base_plus_residual(resfit_run, tmp_path):
     from robotrl.algos.resfit import ResidualActor
     from robotrl.checkpoint import load_checkpoint
@@ -302,21 +319,11 @@ def test_resfit_export_is_one_artifact_base_plus_residual(resfit_run, tmp_path):
         def reset(self) -> None:
             pass
     bad = NoReset(base, actor, m)
-    from robotrl.offpolicy import base_act_fn
-    rb = base.with_batch(1)
-    ref = base_act_fn(rb, actor, 1.0)
-
-    def reference(x):
-        rows = []
-        for i in range(len(x)):
-            if starts[i]:
-                rb.reset()
-            rows.append(torch.as_tensor(ref(x[i:i + 1]))[0])
-        return torch.stack(rows)
     with pytest.raises(ExportError, match="parity"):
         export_artifact(bad, {k: v for k, v in m.items() if k not in ("hashes", "versions", "format",
                                                                          "format_version", "created")},
-                        tmp_path / "bad.pt", ckpt["parity_obs"], reference, episode_starts=starts)
+                        tmp_path / "bad.pt", ckpt["parity_obs"], _reference_with_resets(base, actor, starts),
+                        episode_starts=starts)
 
 
 def test_act_transformer_chunk_policy_exports_with_parity(tmp_path):
@@ -325,7 +332,6 @@ def test_act_transformer_chunk_policy_exports_with_parity(tmp_path):
     from robotrl.algos.bc import BasePolicy, BCConfig
     from robotrl.algos.resfit import DeployPolicy, ResidualActor
     from robotrl.export import export_artifact
-    from robotrl.offpolicy import base_act_fn
     from robotrl.policies import artifact_manifest
     from sim.envs import make_task, task_config
     task = make_task(task_config("arm_lift"))
@@ -337,18 +343,8 @@ def test_act_transformer_chunk_policy_exports_with_parity(tmp_path):
     obs = np.random.default_rng(0).normal(size=(23, task.obs_size)).astype(np.float32)
     starts = np.zeros(23, dtype=bool)
     starts[[0, 9]] = True
-    rb = base.with_batch(1)
-    ref = base_act_fn(rb, actor, 1.0)
-
-    def reference(x):
-        out = []
-        for i in range(len(x)):
-            if starts[i]:
-                rb.reset()
-            out.append(torch.as_tensor(ref(x[i:i + 1]))[0])
-        return torch.stack(out)
-    full = export_artifact(DeployPolicy(base, actor, manifest), manifest, tmp_path / "act.pt", obs, reference,
-                           episode_starts=starts)
+    full = export_artifact(DeployPolicy(base, actor, manifest), manifest, tmp_path / "act.pt", obs,
+                           _reference_with_resets(base, actor, starts), episode_starts=starts)
     assert full["parity_max_abs_error"] < 1e-5
     art = load_artifact(tmp_path / "act.pt")
     a = art.act(obs[0])
