@@ -44,8 +44,8 @@ def env_against_raw(num_envs: int, seconds: float) -> dict:
         t0 = time.perf_counter()
         _, _, term, trunc, _ = env.step(zero)
         spent += time.perf_counter() - t0
-        ctrls.append(task._ctrl[:, -1].copy())
-        after.append(task.sim._state_out[:, -1].copy())   # before any autoreset
+        ctrls.append(task.sim.last_ctrl[:, -1].copy())
+        after.append(task.sim.substep_states[:, -1].copy())   # before any autoreset
         if num_envs == 1 and (term or trunc):
             env.reset()
     d, models = mujoco.MjData(task.model), task.sim.models

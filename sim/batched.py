@@ -28,7 +28,8 @@ class BatchedSim:
         self.nstate = mujoco.mj_stateSize(model, STATE_SPEC)
         self.state = np.zeros((num_envs, self.nstate))
         self.warmstart = np.zeros((num_envs, model.nv))
-        self._state_out = np.zeros((num_envs, substeps, self.nstate))
+        self.substep_states = np.zeros((num_envs, substeps, self.nstate))   # of the last step, in order
+        self.last_ctrl: np.ndarray | None = None                            # what the last step applied
         self.sensordata = np.zeros((num_envs, substeps, model.nsensordata))
         self._scratch = mujoco.MjData(model)
         self.qpos = self.state[:, 1:1 + model.nq]           # views into the current state
@@ -36,10 +37,11 @@ class BatchedSim:
 
     def step(self, ctrl: np.ndarray) -> None:
         """ctrl: (num_envs, substeps, nu). Advances every env by `substeps` physics steps."""
+        self.last_ctrl = ctrl
         self._rollout.rollout(self.models, self.datas, self.state, ctrl, nstep=self.substeps,
-                              initial_warmstart=self.warmstart, state=self._state_out,
+                              initial_warmstart=self.warmstart, state=self.substep_states,
                               sensordata=self.sensordata, skip_checks=True)
-        self.state[:] = self._state_out[:, -1]
+        self.state[:] = self.substep_states[:, -1]
 
     def set_state(self, i: int, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Put env i at (qpos, qvel); returns its sensor readings at that state."""
