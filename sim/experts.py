@@ -87,4 +87,4 @@ class ArmLiftExpert:
         desired = t.target[i].copy()
         desired[self.arm] = q + dq
         desired[t.gripper] = r.q_lower[t.gripper] if close else r.q_upper[t.gripper]
-        return (desired - t.target[i]) / t.scale
+        return t.action_for(i, desired)

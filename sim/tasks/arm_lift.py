@@ -2,8 +2,11 @@
 
 A task is the robot's twin, a few named reward and observation functions, and one default
 config (configs/task/arm_lift.yaml). Everything here is batched over environments.
-The action moves the joint targets: target <- clip(target + scale * action, limits), which
-keeps a held pose at action 0 and makes scripted demonstrations and BC easy. The default
+`action_type: delta` (arm_lift's default): the action moves the joint targets,
+target <- clip(target + scale * action, limits), which keeps a held pose at action 0.
+`action_type: absolute` (arm_place's default): the action is the target itself, [-1, 1] spanning
+each joint's range, as ACT-style chunk policies predict it; a residual on top of it corrects
+the target rather than integrating into it. The default
 reward is a sparse 0/1 success (cube lifted by `lift_height` and held in the gripper for
 `hold_s`), which also ends the episode; `reward_mode: dense` adds reach/grasp/lift shaping.
 """
@@ -22,6 +25,7 @@ from sim.randomization import Randomization, Randomizer
 from sim.twin import add_floor, joint_indices, robot_spec_editable
 
 REWARD_MODES = ("sparse", "dense")
+ACTION_TYPES = ("delta", "absolute")
 
 
 @dataclasses.dataclass
@@ -50,6 +54,7 @@ class ArmLiftConfig:
     lift_height: float
     hold_s: float
     randomization: Randomization
+    action_type: str = "delta"   # delta: target += scale * action; absolute: target = mid + half_range * action
 
     def __post_init__(self):
         for key in ("episode_s", "action_scale", "gripper_scale", "action_clip", "lift_height"):
@@ -59,6 +64,8 @@ class ArmLiftConfig:
             raise ValueError(f"task.hold_s must be >= 0, got {self.hold_s}")
         if self.history < 1:
             raise ValueError(f"task.history must be >= 1, got {self.history}")
+        if self.action_type not in ACTION_TYPES:
+            raise ValueError(f"task.action_type must be one of {list(ACTION_TYPES)}, got {self.action_type!r}")
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"task.reward_mode must be one of {list(REWARD_MODES)}, got {self.reward_mode!r}")
         rewards, object_terms = self.known_terms()
@@ -165,8 +172,14 @@ class ArmLift:
         self.critic_obs_size = self.layout.frame_size + 6 + len(self.sensor_pads) + 3
         self.action_size = n
         self.action_low, self.action_high = -cfg.action_clip, cfg.action_clip
-        self.scale = np.full(n, cfg.action_scale)
-        self.scale[self.gripper] = cfg.gripper_scale
+        self.absolute = cfg.action_type == "absolute"
+        if self.absolute:   # [-1, 1] spans each joint's range
+            self.offset = (r.q_upper + r.q_lower) / 2
+            self.scale = (r.q_upper - r.q_lower) / 2
+        else:
+            self.offset = np.zeros(n)
+            self.scale = np.full(n, cfg.action_scale)
+            self.scale[self.gripper] = cfg.gripper_scale
         # Randomization's "floor" friction and base CoM offset act on the cube, the object that matters here.
         cube_body, cube_geom = m.body("cube").id, m.geom("cube").id
         self.randomizer = Randomizer(cfg.randomization, m, self.act_ids, r.kp, r.kd, r.tau_max, cube_body, cube_geom)
@@ -258,12 +271,13 @@ class ArmLift:
 
     # ---- step ----
     def _advance(self, actions: np.ndarray) -> dict:
-        """Apply the joint-target deltas, step one control period, and return the step's
-        quantities (shared by every tabletop task built on this one)."""
+        """Move the joint targets, step one control period, and return the step's quantities
+        (shared by every tabletop task built on this one)."""
         r, c, sim = self.robot, self.cfg, self.sim
         actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), -c.action_clip, c.action_clip)
         self.action[:] = actions
-        new_target = np.clip(self.target + self.scale * actions, r.q_lower, r.q_upper)
+        base = self.offset if self.absolute else self.target
+        new_target = np.clip(base + self.scale * actions, r.q_lower, r.q_upper)
         # Action delay: the previous target holds for the first `delay` physics steps.
         delayed = self._substep_index < self.delay[:, None, None]
         self._ctrl[:] = np.where(delayed, self.target[:, None, :], new_target[:, None, :])
@@ -276,6 +290,10 @@ class ArmLift:
         s["lift_height"] = c.lift_height
         s["grasped"] = self.pad_contact.all(axis=1)
         return s
+
+    def action_for(self, i: int, target: np.ndarray) -> np.ndarray:
+        """The action of env i that sets these joint targets (what a scripted expert returns)."""
+        return (target - (self.offset if self.absolute else self.target[i])) / self.scale
 
     def step(self, actions: np.ndarray):
         c, sim = self.cfg, self.sim
@@ -307,11 +325,16 @@ class ArmLift:
     # ---- what the artifact needs to know about this task ----
     def manifest(self) -> dict:
         c, r = self.cfg, self.robot
+        if self.absolute:
+            action_type, target = "joint_position", "clip(offset + scale * action, q_lower, q_upper)"
+        else:
+            action_type = "joint_position_delta"
+            target = ("clip(previous_target + scale * action, q_lower, q_upper); "
+                      "the first target is the measured joint position")
         return {"observation": self.layout.to_manifest(),
                 "action": {"joint_names": list(r.joint_names), "scale": self.scale.tolist(),
-                           "offset": [0.0] * r.n_joints, "clip": c.action_clip, "type": "joint_position_delta",
-                           "target": "clip(previous_target + scale * action, q_lower, q_upper); "
-                                     "the first target is the measured joint position"},
+                           "offset": self.offset.tolist(), "clip": c.action_clip, "type": action_type,
+                           "target": target},
                 "task": {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode,
                          "lift_height": c.lift_height, "hold_s": c.hold_s, "cube_size": c.cube.size,
                          "ee_site": r.extra["ee_site"],

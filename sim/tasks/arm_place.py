@@ -72,7 +72,7 @@ class PointCloudConfig:
     crop_z: list[float] = dataclasses.field(default_factory=lambda: [0.004, 0.5])   # above the table plane
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ArmPlaceConfig(arm_lift.ArmLiftConfig):
     """arm_lift's config (lift_height is the dense 'lift' term only here; hold_s: placed, resting
     and released for this long) plus the target and the perception options."""
@@ -106,7 +106,8 @@ class ArmPlace(arm_lift.ArmLift):
             gripper_scale=cfg.gripper_scale, action_clip=cfg.action_clip, history=cfg.history,
             reward_mode=cfg.reward_mode, observation=lift_terms or {"joint_pos": 1.0},
             reward={k: v for k, v in cfg.reward.items() if k in arm_lift.REWARDS}, cube=cfg.cube,
-            lift_height=cfg.lift_height, hold_s=cfg.hold_s, randomization=cfg.randomization)
+            lift_height=cfg.lift_height, hold_s=cfg.hold_s, randomization=cfg.randomization,
+            action_type=cfg.action_type)
         super().__init__(lift_cfg, num_envs=num_envs, nthread=nthread)
         self.cfg = cfg
         self._renderer = None

@@ -262,6 +262,19 @@ def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path):
     assert worst < 1e-5 and steps >= 30 and refills == -(-steps // 10)          # a new chunk every 10 steps
 
 
+def test_absolute_action_chunk_artifact_commands_the_twins_targets(tmp_path):
+    """task.action_type=absolute: demos, BC and the artifact all speak absolute joint targets."""
+    from robotrl.offpolicy import load_base
+    absolute = "task.action_type=absolute"
+    assert main(["demos", "task=arm_lift", "n=2", "seed=3", f"out={tmp_path}/d.npz", "task.episode_s=3.0", absolute]) == 0
+    assert main(["train", *TASK, *TINY_BC, f"algo.demos={tmp_path}/d.npz", f"run_dir={tmp_path}/bc", absolute]) == 0
+    assert main(["export", f"run={tmp_path}/bc", f"out={tmp_path}/bc.pt"]) == 0
+    assert load_artifact(tmp_path / "bc.pt").manifest["action"]["type"] == "joint_position"
+    base, _, _ = load_base(tmp_path / "bc")
+    worst, _, steps = _episode_through_artifact(tmp_path / "bc.pt", base, None, {"episode_s": 3.0, "action_type": "absolute"})
+    assert worst < 1e-5 and steps >= 30
+
+
 def test_artifact_in_the_twin_reproduces_the_runs_own_evaluation(bc_run, tmp_path):
     from robotrl.checkpoint import load_checkpoint
     from robotrl.evaluate import evaluate_artifact

@@ -66,12 +66,27 @@ def _success_rate(task, policy) -> float:
     return solved.mean()
 
 
-def test_expert_lifts_the_cube_and_trivial_policies_do_not():
-    task = make_task(task_config("arm_lift"), num_envs=10, nthread=2)
+@pytest.mark.parametrize("action_type", ["delta", "absolute"])
+def test_expert_lifts_the_cube_and_trivial_policies_do_not(action_type):
+    task = make_task(task_config("arm_lift", action_type=action_type), num_envs=10, nthread=2)
     assert _success_rate(task, ArmLiftExpert(task)) >= 0.9
     assert _success_rate(task, lambda: np.zeros((10, task.action_size))) == 0.0
     rng = np.random.default_rng(0)
     assert _success_rate(task, lambda: rng.uniform(-1, 1, (10, task.action_size))) == 0.0
+
+
+def test_absolute_action_sets_the_target_the_manifest_describes():
+    task = make_task(task_config("arm_lift", action_type="absolute"), num_envs=2)
+    task.seed(0)
+    task.reset(np.arange(2))
+    r, act = task.robot, task.manifest()["action"]
+    assert act["type"] == "joint_position"
+    a = np.array([[1.0] * r.n_joints, [-0.5] * r.n_joints])
+    task.step(a)
+    want = np.clip(np.asarray(act["offset"]) + np.asarray(act["scale"]) * a, r.q_lower, r.q_upper)
+    np.testing.assert_allclose(task.target, want)
+    np.testing.assert_allclose(task.target[0], r.q_upper)          # +1 is the top of every joint's range
+    np.testing.assert_allclose(task.action_for(1, task.target[1]), a[1])   # what an expert uses to act
 
 
 def test_sparse_reward_is_0_1_and_success_terminates():
@@ -97,6 +112,7 @@ def test_dense_reward_shapes():
 
 @pytest.mark.parametrize("overrides, key", [
     ({"reward_mode": "shaped"}, "task.reward_mode"),
+    ({"action_type": "velocity"}, "task.action_type"),
     ({"reward": {"lift_speed": 1.0}}, "task.reward"),
     ({"observation": {"gait_clock": 1.0}}, "task.observation"),
     ({"cube": {"size": -0.05}}, "task.cube.size"),
