@@ -89,8 +89,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
            "replay_max_abs_diff": max(single["replay_max_abs_diff"], batched["replay_max_abs_diff"]),
            "vec_env_steps_per_s": vec_rate, "vec_over_raw": vec_rate / raw,
            "ppo_env_steps_per_s": ours, "sb3_env_steps_per_s": sb3,
-           "eco_env_steps_per_s": eco, "eco_overhead": ours / eco - 1.0,
-           "eco_overhead_walker_net": walker["ppo"] / walker["eco"] - 1.0,
+           "eco_env_steps_per_s": eco, "eco_overhead": train["eco_overhead"],
+           "eco_overhead_walker_net": walker["eco_overhead"],
            "ppo_over_sb3": (ours / sb3) if sb3 else None, "threads": {"torch": torch.get_num_threads(), "physics": 2}}
     rows = [(f"raw mj_step replay, {num_envs} envs' states, 1 thread", f"{raw:,.0f} /s", ""),
             (f"vector env.step, {num_envs} envs, 1 thread", f"{res['env_steps_per_s']:,.0f} /s",
@@ -113,7 +113,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
 def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[dict[str, float], float | None]:
     """Env-steps/s of the training loop: our PPO and ECO (the same PPO core plus costs, cost critic,
     multipliers and mirror loss), interleaved iteration by iteration so that both see the same
-    machine; then stable-baselines3's PPO on the same task."""
+    machine, and ECO's overhead as the median over iterations of ECO's time / PPO's time (a burst of
+    machine noise then spoils one pair, not the figure); then stable-baselines3's PPO on the same task."""
     import torch
     from robotrl.cli import compose_train_config
     from robotrl.runner import build
@@ -123,7 +124,7 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
     for name in ("ppo", "eco"):
         env, algo = build(compose_train_config([f"algo={name}", *common]))
         obs, info = env.reset(seed=0)
-        runs[name] = {"env": env, "algo": algo, "obs": obs, "info": info, "seconds": 0.0, "steps": 0}
+        runs[name] = {"env": env, "algo": algo, "obs": obs, "info": info, "seconds": [], "steps": 0}
 
     def iteration(r: dict) -> None:
         env, algo, obs, info = r["env"], r["algo"], r["obs"], r["info"]
@@ -131,13 +132,14 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
         for _ in range(algo.cfg.steps_per_env):
             obs, _, _, _, info = algo.env_step(env, obs, info["critic_obs"])
         algo.update(torch.as_tensor(info["critic_obs"]), 0.0, r["steps"])
-        r["seconds"] += time.perf_counter() - t0
+        r["seconds"].append(time.perf_counter() - t0)
         r["steps"] += env.num_envs * algo.cfg.steps_per_env
         r["obs"], r["info"] = obs, info
     while runs["ppo"]["steps"] < steps:
         for r in runs.values():
             iteration(r)
-    ours = {name: r["steps"] / r["seconds"] for name, r in runs.items()}
+    ours = {name: r["steps"] / sum(r["seconds"]) for name, r in runs.items()}
+    ours["eco_overhead"] = float(np.median(np.divide(runs["eco"]["seconds"], runs["ppo"]["seconds"]))) - 1.0
     if not sb3:
         return ours, None
     try:

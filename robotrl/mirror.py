@@ -34,9 +34,13 @@ class Mirror:
     perm: np.ndarray   # (M x)[i] = sign[i] * x[perm[i]]
     sign: np.ndarray
 
+    def __post_init__(self):   # the torch copies, made once: the mirror runs in every PPO minibatch
+        object.__setattr__(self, "_perm_t", torch.as_tensor(self.perm))
+        object.__setattr__(self, "_sign_t", torch.as_tensor(self.sign, dtype=torch.float32))
+
     def __call__(self, x):
         if isinstance(x, torch.Tensor):
-            return x[..., torch.as_tensor(self.perm)] * torch.as_tensor(self.sign, dtype=x.dtype)
+            return x[..., self._perm_t] * self._sign_t.to(x.dtype)
         return x[..., self.perm] * self.sign.astype(np.asarray(x).dtype)
 
 

@@ -69,7 +69,10 @@ class ActorCritic(nn.Module):
         return self.actor(self.obs_norm(obs))
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(self.action_mean(obs), self.log_std.exp().expand(obs.shape[0], -1))
+        return self.gaussian(self.action_mean(obs))
+
+    def gaussian(self, mean: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(mean, self.log_std.exp().expand(mean.shape[0], -1))
 
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.critic_norm(critic_obs)).squeeze(-1)

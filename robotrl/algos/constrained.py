@@ -57,7 +57,7 @@ class ShapingPPO(ConstrainedPPO):
     def constraint_loss(self, idx, dist, ratio):
         if self.mirror_obs is None:
             return torch.zeros(()), 1.0
-        return self.cfg.mirror_weight * self.mirror_loss(self.rollout_obs[idx], dist.mean), 1.0
+        return self.cfg.mirror_weight * self.mirror_loss(dist.mean, self.mirrored_means), 1.0
 
 
 # ---- ipo ----
@@ -103,7 +103,7 @@ class P3O(ConstrainedPPO):
         excess = (pessimistic_cost_surrogate(ratio, self.cost_adv[idx], c.clip)
                   + (self.J[:K] - self.budgets[:K]) / self.budgets[:K])
         if self.mirror_obs is not None:
-            excess = torch.cat([excess, (self.mirror_loss(self.rollout_obs[idx], dist.mean) / self.budgets[K:]) - 1])
+            excess = torch.cat([excess, (self.mirror_loss(dist.mean, self.mirrored_means) / self.budgets[K:]) - 1])
         return c.kappa * torch.relu(excess).sum(), 1.0
 
 
@@ -136,7 +136,7 @@ class CRPO(ConstrainedPPO):
             return torch.zeros(()), 1.0
         i = int(self.weights.argmax())
         if self.names[i] == "symmetry":
-            cost = self.mirror_loss(self.rollout_obs[idx], dist.mean)
+            cost = self.mirror_loss(dist.mean, self.mirrored_means)
         else:
             cost = pessimistic_cost_surrogate(ratio, self.cost_adv[idx, i:i + 1], self.cfg.clip)[0]
         return CRPO_SWITCH * cost, CRPO_SWITCH

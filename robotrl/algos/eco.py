@@ -55,6 +55,9 @@ class ConstrainedConfig(PPOConfig):
     # C2: its form, and b2 in action units² (symmetry) or rad² (reference_gait).
     motion: str = "symmetry"
     motion_budget: float = 0.05
+    # The mirror loss is computed on this fraction of each minibatch (and of the rollout, for J):
+    # an unbiased estimate; the extra actor pass on mirrored states is most of what symmetry costs.
+    mirror_fraction: float = 0.25
     # The reference gait: in the clock's first half the leg whose joint names end in ref_first_swing
     # lifts, each joint named by a ref_pattern prefix bending by ref_amplitude · factor · sin(2πφ).
     ref_amplitude: float = 0.2           # rad
@@ -72,6 +75,8 @@ class ConstrainedConfig(PPOConfig):
         for key in ("energy_budget", "motion_budget"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"algo.{key} must be > 0 (a budget on a non-negative cost), got {getattr(self, key)}")
+        if not 0.0 < self.mirror_fraction <= 1.0:
+            raise ValueError(f"algo.mirror_fraction must be in (0, 1], got {self.mirror_fraction}")
         if self.cost_window < 1:
             raise ValueError(f"algo.cost_window must be >= 1, got {self.cost_window}")
         if not self.robot or not self.observation:
@@ -219,19 +224,30 @@ class ConstrainedPPO(PPO):
         return self.model.values(critic_obs)[1]
 
     # ---- the constraints' terms ----
-    def mirror_loss(self, obs: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
-        """‖π(s) − M_a π(M_s s)‖² on the action means, mean over samples and joints. `mean`: π(s)
-        when the caller has it already (PPO's minibatch forward), saving an actor pass."""
-        mu = self.model.action_mean
-        mean = mu(obs) if mean is None else mean
-        return ((mean - self.mirror_act(mu(self.mirror_obs(obs)))) ** 2).mean()
+    def mirror_rows(self, n: int) -> int:
+        return max(1, round(n * self.cfg.mirror_fraction))
+
+    def minibatch_distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        """With symmetry, ONE actor pass over the minibatch and the mirror of its first mirror_rows
+        states (the rows are in random order): PPO's distribution, and `mirrored_means` for the
+        mirror loss. Two passes cost ECO more than the loss's arithmetic on a small network."""
+        if self.mirror_obs is None:
+            return super().minibatch_distribution(obs)
+        means = self.model.action_mean(torch.cat([obs, self.mirror_obs(obs[:self.mirror_rows(len(obs))])]))
+        self.mirrored_means = means[len(obs):]
+        return self.model.gaussian(means[:len(obs)])
+
+    def mirror_loss(self, mean: torch.Tensor, mirrored_mean: torch.Tensor) -> torch.Tensor:
+        """‖π(s) − M_a π(M_s s)‖² on the action means, mean over joints and over the states whose
+        mirrors were evaluated (the first len(mirrored_mean) rows of `mean`)."""
+        return ((mean[:len(mirrored_mean)] - self.mirror_act(mirrored_mean)) ** 2).mean()
 
     def surrogates(self, idx: torch.Tensor, dist, ratio: torch.Tensor) -> torch.Tensor:
         """One differentiable term per constraint, in `names` order: mean(Â_c·ρ) for each per-step cost,
         the mirror loss itself for symmetry."""
         terms = (ratio[:, None] * self.cost_adv[idx]).mean(0)
         if self.mirror_obs is not None:
-            terms = torch.cat([terms, self.mirror_loss(self.rollout_obs[idx], dist.mean)[None]])
+            terms = torch.cat([terms, self.mirror_loss(dist.mean, self.mirrored_means)[None]])
         return terms
 
     def update_weights(self, J: torch.Tensor) -> torch.Tensor:
@@ -244,11 +260,13 @@ class ConstrainedPPO(PPO):
     def update(self, last_critic_obs, progress: float, step: int, extra_loss=None) -> dict[str, float]:
         c, b = self.cfg, self.buffer
         T, N = b.rewards.shape
-        self.rollout_obs = b.obs.reshape(T * N, -1)
+        rollout_obs = b.obs.reshape(T * N, -1)
         with torch.no_grad():
             self.J = self.episodes.estimate()
             if self.mirror_obs is not None:
-                self.J = torch.cat([self.J, self.mirror_loss(self.rollout_obs)[None]])
+                rows = rollout_obs[torch.randperm(T * N)[:self.mirror_rows(T * N)]]
+                mu = self.model.action_mean
+                self.J = torch.cat([self.J, self.mirror_loss(mu(rows), mu(self.mirror_obs(rows)))[None]])
             if self.uses_cost_advantages:
                 # (1 − γ)·cost makes the critic's target a discounted mean cost per step, of one step's
                 # scale whatever the horizon; the advantages are standardised, so only conditioning changes.

@@ -147,6 +147,10 @@ class PPO:
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.model.value(critic_obs)
 
+    def minibatch_distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        """The policy on a minibatch's observations (a subclass may fold more rows into the same pass)."""
+        return self.model.distribution(obs)
+
     def update(self, last_critic_obs: torch.Tensor, progress: float, step: int,
                extra_loss=None, cost_returns: torch.Tensor | None = None) -> dict[str, float]:
         """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio) -> (loss, scale)`
@@ -171,7 +175,7 @@ class PPO:
             perm = torch.randperm(T * N)
             for k in range(c.minibatches):
                 idx = perm[k * batch:(k + 1) * batch]
-                dist = m.distribution(obs[idx])
+                dist = self.minibatch_distribution(obs[idx])
                 logp = dist.log_prob(act[idx]).sum(-1)
                 entropy = dist.entropy().sum(-1).mean()
                 with torch.no_grad():  # KL(old || new) of diagonal Gaussians, for the adaptive lr
