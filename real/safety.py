@@ -14,6 +14,7 @@ from then on only the damping command goes out (kp = 0, kd = damping gain) until
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -56,6 +57,10 @@ class SafetyFilter:
         kd = spec.kd if damping_kd is None else damping_kd
         self.damping_kd = np.broadcast_to(np.asarray(kd, dtype=np.float64), spec.q_default.shape).copy()
         self._names = spec.joint_names
+        # The filter's per-joint constants as Python floats (its per-tick loop reads them).
+        self._per_joint = tuple(np.broadcast_to(np.asarray(x, dtype=np.float64), spec.q_default.shape).tolist()
+                                for x in (self.lower, self.upper, spec.kp, spec.kd, spec.tau_max))
+        self._dq_limit = self.dq_limit.tolist()
         self._prev: np.ndarray | None = None   # last sent target; seeded from the measured pose
         self.fault_reason: str | None = None
 
@@ -93,49 +98,67 @@ class SafetyFilter:
         if fault is not None:
             return self.damping_command(dq), [self.trip(fault)]
 
-        events: list[SafetyEvent] = []
         if self._prev is None:
             self._prev = np.clip(q, self.lower, self.upper)
-        # Position limits and the per-tick change together: both intervals contain the previous
-        # target, so their intersection is never empty.
-        lo = np.maximum(self.lower, self._prev - self.max_delta)
-        hi = np.minimum(self.upper, self._prev + self.max_delta)
-        target = np.clip(q_des, self.lower, self.upper)
-        self._clamp_events(events, "position limit", q_des, target)
-        limited = np.clip(target, lo, hi)
-        self._clamp_events(events, f"rate limit ({self.max_delta} rad/tick)", target, limited)
-
-        # Torque: the target window where |kp (t - q) - kd dq| <= tau_max, moved towards only as
-        # far as the limits above allow (clip into the window, then back into [lo, hi]).
-        kp, kd, tau_max = self.spec.kp, self.spec.kd, self.spec.tau_max
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            t_lo = np.where(kp > 0, q + (kd * dq - tau_max) / kp, -np.inf)
-            t_hi = np.where(kp > 0, q + (kd * dq + tau_max) / kp, np.inf)
-        final = np.clip(np.clip(limited, t_lo, t_hi), lo, hi)
-        self._clamp_events(events, "torque limit", limited, final)
-        # Where even that is not enough (joint far outside its range, or moving fast), scale both
-        # gains down so the implied torque sits exactly at the limit, as the motor would saturate.
-        with np.errstate(over="ignore", invalid="ignore"):
-            scale = self._gain_scale(kp * (final - q) - kd * dq)
-        for i in np.flatnonzero(scale < 1.0):
-            events.append(SafetyEvent("clamp", f"torque limit: {self._names[i]} gains scaled x{scale[i]:.3g}"))
-        self._prev = final
-        return Command(final.copy(), kp * scale, kd * scale, np.zeros_like(final)), events
+        # Per joint in plain Python floats: for a robot's 10-30 joints this is several times faster
+        # than ~40 numpy calls of a few µs each, and it reads like the firmware's own loop.
+        position, rate, torque, gains = [], [], [], []
+        final, kp_out, kd_out = [], [], []
+        step = self.max_delta
+        for i, (want, qi, dqi, prev, lower, upper, kp, kd, tau_max) in enumerate(zip(
+                q_des.tolist(), q.tolist(), dq.tolist(), self._prev.tolist(), *self._per_joint)):
+            # Position limits and the per-tick change together: both intervals contain the previous
+            # target, so their intersection [lo, hi] is never empty.
+            lo, hi = max(lower, prev - step), min(upper, prev + step)
+            target = min(max(want, lower), upper)
+            if target != want:
+                position.append((i, want, target))
+            limited = min(max(target, lo), hi)
+            if limited != target:
+                rate.append((i, target, limited))
+            # Torque: the target window where |kp (t - q) - kd dq| <= tau_max, moved towards only as
+            # far as the limits above allow (clip into the window, then back into [lo, hi]).
+            t = limited
+            if kp > 0:
+                t = min(max(t, qi + (kd * dqi - tau_max) / kp), qi + (kd * dqi + tau_max) / kp)
+            t = min(max(t, lo), hi)
+            if t != limited:
+                torque.append((i, limited, t))
+            # Where even that is not enough (joint far outside its range, or moving fast), scale both
+            # gains down so the implied torque sits exactly at the limit, as the motor would saturate.
+            tau = abs(kp * (t - qi) - kd * dqi)
+            scale = tau_max / tau if tau > tau_max else 1.0
+            if scale < 1.0:
+                gains.append((i, scale))
+            final.append(t)
+            kp_out.append(kp * scale)
+            kd_out.append(kd * scale)
+        names = self._names
+        events = [SafetyEvent("clamp", f"{what}: {names[i]} {a:.3f} -> {b:.3f}")
+                  for what, changes in (("position limit", position), (f"rate limit ({step} rad/tick)", rate),
+                                        ("torque limit", torque)) for i, a, b in changes]
+        events += [SafetyEvent("clamp", f"torque limit: {names[i]} gains scaled x{g:.3g}") for i, g in gains]
+        self._prev = np.array(final)
+        return Command(self._prev.copy(), np.array(kp_out), np.array(kd_out), np.zeros(len(final))), events
 
     def _check(self, q_des, q, dq, state_age) -> str | None:
         """The reason for a fault this tick, or None."""
         for label, x in (("state q", q), ("state dq", dq), ("desired target", q_des)):
             if x.shape != self.lower.shape:
                 return f"{label} has shape {x.shape}, expected {self.lower.shape}"
-            bad = np.flatnonzero(~np.isfinite(x))
-            if bad.size:
-                return f"non-finite {label}: {self._names[bad[0]]}={x[bad[0]]}"
+            values = x.tolist()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    return f"non-finite {label}: {self._names[i]}={v}"
         if not np.isfinite(state_age) or state_age > self.max_state_age:
             return f"stale state: age {state_age * 1e3:.1f} ms > {self.max_state_age * 1e3:.1f} ms"
-        over = np.flatnonzero(np.abs(dq) > self.dq_limit)
-        if over.size:
-            i = over[np.argmax(np.abs(dq[over]) / self.dq_limit[over])]
-            return f"velocity limit: {self._names[i]} |dq|={abs(dq[i]):.1f} > {self.dq_limit[i]:.1f}"
+        worst, over = None, 1.0
+        for i, (v, limit) in enumerate(zip(dq.tolist(), self._dq_limit)):
+            if abs(v) > limit and abs(v) / limit > over:
+                worst, over = i, abs(v) / limit
+        if worst is not None:
+            return (f"velocity limit: {self._names[worst]} |dq|={abs(dq[worst]):.1f} > "
+                    f"{self.dq_limit[worst]:.1f}")
         return None
 
     def _gain_scale(self, tau: np.ndarray) -> np.ndarray:
@@ -143,7 +166,3 @@ class SafetyFilter:
         mag = np.abs(tau)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(mag > self.spec.tau_max, self.spec.tau_max / mag, 1.0)
-
-    def _clamp_events(self, events: list, what: str, before: np.ndarray, after: np.ndarray) -> None:
-        for i in np.flatnonzero(before != after):
-            events.append(SafetyEvent("clamp", f"{what}: {self._names[i]} {before[i]:.3f} -> {after[i]:.3f}"))
