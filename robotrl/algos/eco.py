@@ -11,6 +11,7 @@ C1 energy. Per-step cost c1 = info["energy_j"], the task's Σ_legs |τ·q̇| int
 C2 reference motion (algo.motion):
   symmetry        J_C2 = mean over the rollout of ‖π(s) − M_a π(M_s s)‖² on the action means, mean
                   over joints (action units²); M_s, M_a from robotrl/mirror.py (gait clock + ½ period).
+                  Estimated on a random `mirror_fraction` of the rollout and of each minibatch.
   reference_gait  c2 = mean over joints of (q − q_ref(φ))², a sinusoidal gait on the gait clock;
                   J_C2 = its per-step mean over an episode (rad²).
   none            energy only.
