@@ -157,8 +157,7 @@ class SafetyFilter:
             if abs(v) > limit and abs(v) / limit > over:
                 worst, over = i, abs(v) / limit
         if worst is not None:
-            return (f"velocity limit: {self._names[worst]} |dq|={abs(dq[worst]):.1f} > "
-                    f"{self.dq_limit[worst]:.1f}")
+            return f"velocity limit: {self._names[worst]} |dq|={abs(dq[worst]):.1f} > {self._dq_limit[worst]:.1f}"
         return None
 
     def _gain_scale(self, tau: np.ndarray) -> np.ndarray:

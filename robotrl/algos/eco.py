@@ -266,8 +266,8 @@ class ConstrainedPPO(PPO):
             self.J = self.episodes.estimate()
             if self.mirror_obs is not None:
                 rows = rollout_obs[torch.randperm(T * N)[:self.mirror_rows(T * N)]]
-                mu = self.model.action_mean
-                self.J = torch.cat([self.J, self.mirror_loss(mu(rows), mu(self.mirror_obs(rows)))[None]])
+                means = self.model.action_mean(torch.cat([rows, self.mirror_obs(rows)]))   # one pass, as in PPO's
+                self.J = torch.cat([self.J, self.mirror_loss(means[:len(rows)], means[len(rows):])[None]])
             if self.uses_cost_advantages:
                 # (1 − γ)·cost makes the critic's target a discounted mean cost per step, of one step's
                 # scale whatever the horizon; the advantages are standardised, so only conditioning changes.
