@@ -174,10 +174,10 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
     variants = {"artifact": lambda: art.step(obs)}
     weights = [v for k, v in art.module.state_dict().items() if k.startswith("actor.") and k.endswith(".weight")]
     if weights:
-        bare = torch.jit.script(mlp([weights[0].shape[1], *[w.shape[0] for w in weights]]).eval())
+        bare = torch.jit.script(mlp([weights[0].shape[1], *[w.shape[0] for w in weights]]).eval().requires_grad_(False))
         x = torch.as_tensor(obs)
 
-        @torch.no_grad()
+        @torch.inference_mode()   # as Artifact.step runs
         def baseline():
             bare(x).numpy()
         variants["bare MLP"] = baseline
