@@ -115,6 +115,7 @@ def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = 
         by_name = {n.name: n for n in nodes}
         by_name["firmware"].params.append(("state_hz", repr(float(hz))))
         by_name["policy"].params.append(("bench_loop_hz", repr(float(hz))))
+        if os.environ.get("RTP"): by_name["policy"].params.append(("rt_priority", os.environ["RTP"]))
         log = io.StringIO()
         graph = Graph(nodes, out=log, env=env)
         from robotrl.ros_client import RosClient

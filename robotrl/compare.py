@@ -51,8 +51,11 @@ def describe_run(run: Path) -> dict:
     """What the report needs from a run folder: its method, budgets and last logged constraint values."""
     from robotrl.logging import read_csv
     algo = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))["algo"]
+    # A budget-free method's energy_budget is a default it never trained against: no b1 for it.
+    constrained = algo["name"] not in BUDGET_FREE
     row = {"label": run.name, "run": str(run), "method": algo["name"], "motion": algo.get("motion"),
-           "energy_unit": algo.get("energy_unit"), "b1": algo.get("energy_budget"),
+           "energy_unit": algo.get("energy_unit"), "b1": algo.get("energy_budget") if constrained else None,
+           "energy_weight": algo.get("energy_weight"),
            "b2": algo.get("motion_budget") if algo.get("motion") != "none" else None}
     cols = read_csv(run / "metrics.csv")
     for key, values in cols.items():
@@ -90,16 +93,24 @@ def _fmt(v, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _energy_term(row: dict) -> str:
+    if row.get("b1") is not None:
+        return f"b1 = {_fmt(row['b1'])} {row['energy_unit']}"
+    if row.get("energy_weight") is not None and row["method"] == "ppo_shaping":
+        return f"reward −{_fmt(row['energy_weight'])}/J"
+    return "—"
+
+
 def write_markdown(rows: list[dict], plots: list[Path], path: Path) -> None:
     lines = ["# ECO comparison", "",
              "Average power, tracking error and no-fall rate come from `robotrl eval` on each exported artifact. "
              "C1 compares the evaluated power (W, or episode energy for J budgets) with b1; C2 compares the last "
              "training J_C2 with b2.", "",
-             "| run | method | C2 form | b1 | power (W) | vel. error (m/s) | no-fall rate | C1 ok | J_C2 (train) | b2 | C2 ok |",
+             "| run | method | C2 form | energy: budget b1 or reward weight | power (W) | vel. error (m/s) "
+             "| no-fall rate | C1 ok | J_C2 (train) | b2 | C2 ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        b1 = None if r.get("b1") is None else f"{_fmt(r['b1'])} {r['energy_unit']}"
-        lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_fmt(b1)} | {_fmt(r['power_w'], '.2f')} "
+        lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_energy_term(r)} | {_fmt(r['power_w'], '.2f')} "
                      f"| {_fmt(r['vel_error'], '.3f')} | {r['success_rate']:.0%} | {_fmt(r.get('c1_ok'))} "
                      f"| {_fmt(r.get('train_J2'))} | {_fmt(r.get('b2'))} | {_fmt(r.get('c2_ok'))} |")
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]

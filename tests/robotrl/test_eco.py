@@ -251,6 +251,9 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
         assert (out / plot).stat().st_size > 1000
     rows = {r["label"]: r for r in yaml.safe_load((out / "report.json").read_text())}
     assert rows["pid_lagrangian"]["c1_ok"] == (rows["pid_lagrangian"]["power_w"] <= 15)
+    # the shaping baseline has an energy weight, not a budget: no b1, no C1 verdict
+    assert rows["ppo_shaping"]["b1"] is None and "c1_ok" not in rows["ppo_shaping"]
+    assert f"| reward −{rows['ppo_shaping']['energy_weight']:.3g}/J |" in table
     assert 0.0 <= rows["eco_b20"]["success_rate"] <= 1.0 and rows["eco_b20"]["power_w"] > 0
 
 
