@@ -54,10 +54,10 @@ class ShapingPPO(ConstrainedPPO):
         motion = {"symmetry": [self.cfg.mirror_weight], "reference_gait": [self.cfg.reference_weight], "none": []}
         return torch.tensor([self.cfg.energy_weight, *motion[self.cfg.motion]])
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         if self.mirror_obs is None:
             return torch.zeros(()), 1.0
-        return self.cfg.mirror_weight * self.mirror_loss(dist.mean, self.mirrored_means), 1.0
+        return self.cfg.mirror_weight * self.mirror_loss(dist.mean, mirrored), 1.0
 
 
 # ---- ipo ----
@@ -77,9 +77,9 @@ class IPO(ConstrainedPPO):
         c, slack = self.cfg, 1 - J / self.budgets
         return torch.where(slack > 0, c.kappa / slack, torch.tensor(c.penalty_max)).clamp(max=c.penalty_max)
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         w = self.weights
-        return (w * self.surrogates(idx, dist, ratio)).sum(), 1.0 + w.sum()
+        return (w * self.surrogates(idx, dist, ratio, mirrored)).sum(), 1.0 + w.sum()
 
 
 # ---- p3o ----
@@ -98,12 +98,12 @@ class P3O(ConstrainedPPO):
     def update_weights(self, J):
         return self.cfg.kappa * (J > self.budgets).float()   # logged only: the ReLU decides per minibatch
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         c, K = self.cfg, len(self.cost_names)
         excess = (pessimistic_cost_surrogate(ratio, self.cost_adv[idx], c.clip)
                   + (self.J[:K] - self.budgets[:K]) / self.budgets[:K])
         if self.mirror_obs is not None:
-            excess = torch.cat([excess, (self.mirror_loss(dist.mean, self.mirrored_means) / self.budgets[K:]) - 1])
+            excess = torch.cat([excess, (self.mirror_loss(dist.mean, mirrored) / self.budgets[K:]) - 1])
         return c.kappa * torch.relu(excess).sum(), 1.0
 
 
@@ -131,12 +131,12 @@ class CRPO(ConstrainedPPO):
             w[excess.argmax()] = 1.0
         return w
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         if not self.weights.any():
             return torch.zeros(()), 1.0
         i = int(self.weights.argmax())
         if self.names[i] == "symmetry":
-            cost = self.mirror_loss(dist.mean, self.mirrored_means)
+            cost = self.mirror_loss(dist.mean, mirrored)
         else:
             cost = pessimistic_cost_surrogate(ratio, self.cost_adv[idx, i:i + 1], self.cfg.clip)[0]
         return CRPO_SWITCH * cost, CRPO_SWITCH
@@ -183,9 +183,9 @@ class PIDLagrangian(ConstrainedPPO):
     def update_weights(self, J):
         return self.model.multipliers.update(J, self.budgets)
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         lam = self.weights
-        return (lam * self.surrogates(idx, dist, ratio)).sum(), 1.0 + lam.sum()
+        return (lam * self.surrogates(idx, dist, ratio, mirrored)).sum(), 1.0 + lam.sum()
 
 
 BASELINES = {"ppo_shaping": (ShapingPPO, ShapingConfig), "ipo": (IPO, IPOConfig), "p3o": (P3O, P3OConfig),

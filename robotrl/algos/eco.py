@@ -154,7 +154,8 @@ class ConstrainedPPO(PPO):
     """PPO plus what every method of the ECO family shares: per-step costs, the cost critic, cost GAE,
     the estimates J_C and the mirror loss. A method says how the weights of its constraints move
     (`update_weights`, once per iteration) and how the constraints enter the loss (`constraint_loss`,
-    PPO's extra_loss hook: (loss, scale) with the policy loss = (L_clip + loss) / scale)."""
+    PPO's extra_loss hook: (loss, scale) with the policy loss = (L_clip + loss) / scale; `mirrored`
+    is the policy's means on the mirrored states that minibatch_distribution folded into its pass)."""
     uses_cost_advantages = True
 
     def __init__(self, obs_size: int, critic_size: int, action_size: int, cfg: ConstrainedConfig, num_envs: int):
@@ -228,33 +229,33 @@ class ConstrainedPPO(PPO):
     def mirror_rows(self, n: int) -> int:
         return max(1, round(n * self.cfg.mirror_fraction))
 
-    def minibatch_distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+    def minibatch_distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
         """With symmetry, ONE actor pass over the minibatch and the mirror of its first mirror_rows
-        states (the rows are in random order): PPO's distribution, and `mirrored_means` for the
-        mirror loss. Two passes cost ECO more than the loss's arithmetic on a small network."""
+        states (the rows are in random order): PPO's distribution, and the policy's means on those
+        mirrored states (`mirrored`, for the mirror loss). Two passes cost ECO more than the loss's
+        arithmetic on a small network."""
         if self.mirror_obs is None:
             return super().minibatch_distribution(obs)
         means = self.model.action_mean(torch.cat([obs, self.mirror_obs(obs[:self.mirror_rows(len(obs))])]))
-        self.mirrored_means = means[len(obs):]
-        return self.model.gaussian(means[:len(obs)])
+        return self.model.gaussian(means[:len(obs)]), means[len(obs):]
 
     def mirror_loss(self, mean: torch.Tensor, mirrored_mean: torch.Tensor) -> torch.Tensor:
         """‖π(s) − M_a π(M_s s)‖² on the action means, mean over joints and over the states whose
         mirrors were evaluated (the first len(mirrored_mean) rows of `mean`)."""
         return ((mean[:len(mirrored_mean)] - self.mirror_act(mirrored_mean)) ** 2).mean()
 
-    def surrogates(self, idx: torch.Tensor, dist, ratio: torch.Tensor) -> torch.Tensor:
+    def surrogates(self, idx: torch.Tensor, dist, ratio: torch.Tensor, mirrored) -> torch.Tensor:
         """One differentiable term per constraint, in `names` order: mean(Â_c·ρ) for each per-step cost,
         the mirror loss itself for symmetry."""
         terms = (ratio[:, None] * self.cost_adv[idx]).mean(0)
         if self.mirror_obs is not None:
-            terms = torch.cat([terms, self.mirror_loss(dist.mean, self.mirrored_means)[None]])
+            terms = torch.cat([terms, self.mirror_loss(dist.mean, mirrored)[None]])
         return terms
 
     def update_weights(self, J: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def constraint_loss(self, idx, dist, ratio) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def constraint_loss(self, idx, dist, ratio, mirrored) -> tuple[torch.Tensor, float | torch.Tensor]:
         raise NotImplementedError
 
     # ---- update ----
@@ -339,6 +340,6 @@ class ECO(ConstrainedPPO):
     def update_weights(self, J):
         return self.model.multipliers.update(J, self.budgets)
 
-    def constraint_loss(self, idx, dist, ratio):
+    def constraint_loss(self, idx, dist, ratio, mirrored):
         lam = self.weights
-        return (lam * self.surrogates(idx, dist, ratio)).sum(), 1.0 + lam.sum()
+        return (lam * self.surrogates(idx, dist, ratio, mirrored)).sum(), 1.0 + lam.sum()

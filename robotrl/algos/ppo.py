@@ -147,15 +147,16 @@ class PPO:
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.model.value(critic_obs)
 
-    def minibatch_distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        """The policy on a minibatch's observations (a subclass may fold more rows into the same pass)."""
-        return self.model.distribution(obs)
+    def minibatch_distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
+        """The policy on a minibatch's observations, and what a subclass computed on more rows folded
+        into the same actor pass (handed to its extra_loss; PPO folds none)."""
+        return self.model.distribution(obs), None
 
     def update(self, last_critic_obs: torch.Tensor, progress: float, step: int,
                extra_loss=None, cost_returns: torch.Tensor | None = None) -> dict[str, float]:
-        """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio) -> (loss, scale)`
-        lets constrained variants add their terms; `scale` divides the reward surrogate (ECO's
-        normalised combined loss). `cost_returns` [T·N, K]: targets of the model's cost head, fitted
+        """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio, folded) -> (loss,
+        scale)` lets constrained variants add their terms (`folded`: minibatch_distribution's second
+        output); `scale` divides the reward surrogate (ECO's normalised combined loss). `cost_returns` [T·N, K]: targets of the model's cost head, fitted
         with the value in the same passes."""
         c, b, m = self.cfg, self.buffer, self.model
         check_finite("rewards", b.rewards, step)
@@ -175,7 +176,7 @@ class PPO:
             perm = torch.randperm(T * N)
             for k in range(c.minibatches):
                 idx = perm[k * batch:(k + 1) * batch]
-                dist = self.minibatch_distribution(obs[idx])
+                dist, folded = self.minibatch_distribution(obs[idx])
                 logp = dist.log_prob(act[idx]).sum(-1)
                 entropy = dist.entropy().sum(-1).mean()
                 with torch.no_grad():  # KL(old || new) of diagonal Gaussians, for the adaptive lr
@@ -196,7 +197,7 @@ class PPO:
                 surrogate = -torch.min(ratio * a, torch.clamp(ratio, 1 - c.clip, 1 + c.clip) * a).mean()
                 policy_loss, scale = surrogate, 1.0
                 if extra_loss is not None:
-                    extra, scale = extra_loss(idx, dist, ratio)
+                    extra, scale = extra_loss(idx, dist, ratio, folded)
                     policy_loss = (surrogate + extra) / scale
                 v, cost_v = m.values(cobs[idx])
                 v_clipped = old_v[idx] + torch.clamp(v - old_v[idx], -c.value_clip, c.value_clip)

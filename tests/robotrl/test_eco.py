@@ -116,14 +116,15 @@ def test_one_folded_actor_pass_minimises_the_full_mirror_loss():
     def full_loss():
         with torch.no_grad():
             return float(algo.mirror_loss(mu(obs), mu(m_obs(obs))))
-    dist = algo.minibatch_distribution(obs[:64])
+    dist, mirrored = algo.minibatch_distribution(obs[:64])
     torch.testing.assert_close(dist.mean, mu(obs[:64]))
-    torch.testing.assert_close(algo.mirrored_means, mu(m_obs(obs[:algo.mirror_rows(64)])))
+    torch.testing.assert_close(mirrored, mu(m_obs(obs[:algo.mirror_rows(64)])))
     before = full_loss()
     opt = torch.optim.Adam(algo.model.actor.parameters(), lr=1e-3)
     for _ in range(200):
         batch = obs[torch.randperm(512)[:64]]
-        loss = algo.mirror_loss(algo.minibatch_distribution(batch).mean, algo.mirrored_means)
+        dist, mirrored = algo.minibatch_distribution(batch)
+        loss = algo.mirror_loss(dist.mean, mirrored)
         opt.zero_grad()
         loss.backward()
         opt.step()
