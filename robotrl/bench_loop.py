@@ -1,6 +1,7 @@
 """`robotrl bench loop`: the control loop's timing at 100 and 500 Hz, against two references
 measured in the same run — an idle loop (this machine's own floor) and the naive
-`sleep(dt)`-after-work loop that peers ship — without and with ROS 2 in the path."""
+`sleep(dt)`-after-work loop that peers ship — without and with ROS 2 in the path; with ROS, also
+the floor of the graph's two DDS hops (a bare rclpy ping-pong, robotrl.bench_ros)."""
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,9 @@ def bench_loop(seconds: float = 5.0, rates=(100, 500), artifact: Path | None = N
              "p99_over_floor": ours["lateness_p99_us"] / max(floor["lateness_p99_us"], 1e-9),
              "naive_mean_period_error": naive["mean_period_error"], "naive_lateness_p99_us": naive["lateness_p99_us"]}
         if ros:
-            from robotrl.bench_ros import ros_loop_stats
+            from robotrl.bench_ros import ros_floor_stats, ros_loop_stats
             r.update(ros_loop_stats(hz, seconds, artifact))
+            r.update(ros_floor_stats(hz, seconds))
         out[str(hz)] = r
     _print(out)
     return out
@@ -82,7 +84,8 @@ def _print(out: dict) -> None:
     cols = [("mean_period_error", "period err", "{:+.4%}"), ("naive_mean_period_error", "naive err", "{:+.2%}"),
             ("lateness_p50_us", "late p50 µs", "{:.0f}"), ("lateness_p99_us", "late p99 µs", "{:.0f}"),
             ("floor_p99_us", "floor p99 µs", "{:.0f}"), ("compute_p99_us", "compute p99 µs", "{:.0f}"),
-            ("overruns", "overruns", "{}"), ("ros_latency_p99_us", "ROS s→c p99 µs", "{:.0f}")]
+            ("overruns", "overruns", "{}"), ("ros_latency_p99_us", "ROS s→c p99 µs", "{:.0f}"),
+            ("ros_floor_p99_us", "ROS floor p99 µs", "{:.0f}")]
     print("\nbench loop (controller tick over UDP to the emulated firmware)")
     print("rate  " + "".join(f"{c[1]:>16}" for c in cols))
     for hz, r in out.items():

@@ -20,6 +20,11 @@ Figures (all times on CLOCK_MONOTONIC, which is one clock for every process of t
         window): period error and lateness percentiles over its last 10 000 ticks (the window and,
         at the low rates, the seconds before it), overruns counted during the window only.
 
+  ros_floor_p50_us / _p99_us   the same run's floor for those two DDS hops: a bare rclpy ping-pong
+        between this process and an echo process (`python -m robotrl.bench_ros echo`), a JointState
+        out and a Float64MultiArray back at the same rate, QoS and executor as the nodes, nothing
+        else done; round trip. What the graph adds above it is the nodes' own work.
+
 The policy node refuses a control rate other than the robot's (kid_biped: 50 Hz); to time its
 loop at `hz` this starts it with its benchmark-only parameter bench_loop_hz (documented in
 policy_node: the ticks run at that rate, the policy still assumes the robot's, so it does not
@@ -115,7 +120,6 @@ def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = 
         by_name = {n.name: n for n in nodes}
         by_name["firmware"].params.append(("state_hz", repr(float(hz))))
         by_name["policy"].params.append(("bench_loop_hz", repr(float(hz))))
-        if os.environ.get("RTP"): by_name["policy"].params.append(("rt_priority", os.environ["RTP"]))
         log = io.StringIO()
         graph = Graph(nodes, out=log, env=env)
         from robotrl.ros_client import RosClient
@@ -153,3 +157,101 @@ def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = 
                 "ros_ticks": int(after["ticks"]) - int(before.get("ticks", 0)),
                 "ros_policy_mode_at_end": mode})
     return out
+
+
+def _ping_node(name: str, domain: int):
+    import rclpy
+    from rclpy.experimental import EventsExecutor
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = rclpy.create_node(name, context=context)
+    executor = EventsExecutor(context=context)
+    executor.add_node(node)
+    return context, node, executor
+
+
+def echo_main(domain: int) -> None:
+    """The echo side of ros_floor_stats: answers every `bench_ping` JointState with a
+    Float64MultiArray on `bench_pong` carrying the ping's stamp, until killed."""
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray
+    from robotrl_ros.messages import CONTROL_QOS
+    context, node, executor = _ping_node("bench_echo", domain)
+    pong = node.create_publisher(Float64MultiArray, "bench_pong", CONTROL_QOS)
+
+    def on_ping(msg: JointState) -> None:
+        out = Float64MultiArray()
+        out.data = [msg.header.stamp.sec * 1e9 + msg.header.stamp.nanosec] + [0.0] * 39
+        pong.publish(out)
+    node.create_subscription(JointState, "bench_ping", on_ping, CONTROL_QOS)
+    print("echo ready", flush=True)
+    while context.ok():
+        executor.spin_once(timeout_sec=0.1)
+
+
+def ros_floor_stats(hz: float, seconds: float, domain_id: int | None = None) -> dict:
+    """Round trip of a bare rclpy ping-pong at `hz` (see the module docstring): the floor of the
+    graph's two DDS hops on this machine, measured in the same run."""
+    import subprocess
+    import sys
+    import threading
+    from sensor_msgs.msg import JointState
+    from rclpy.executors import ExternalShutdownException
+    from std_msgs.msg import Float64MultiArray
+    from real.rt_loop import RateLoop
+    from robotrl_ros.messages import CONTROL_QOS
+    domain = domain_id or (os.getpid() % 100 + 1)
+    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    echo = subprocess.Popen([sys.executable, "-m", "robotrl.bench_ros", "echo", str(domain)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context, node, executor = _ping_node("bench_ping", domain)
+    rtt: list[int] = []
+    t_window = [math.inf]
+
+    def on_pong(msg: Float64MultiArray) -> None:
+        now = time.monotonic_ns()
+        sent = int(msg.data[0])
+        if sent >= t_window[0]:
+            rtt.append(now - sent)
+    node.create_subscription(Float64MultiArray, "bench_pong", on_pong, CONTROL_QOS)
+    ping_pub = node.create_publisher(JointState, "bench_ping", CONTROL_QOS)
+    names = [f"joint_{i}" for i in range(10)]
+
+    def ping() -> None:
+        msg = JointState()
+        t = time.monotonic_ns()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, 10**9)
+        msg.name = names
+        msg.position = msg.velocity = msg.effort = [0.0] * 10
+        ping_pub.publish(msg)
+
+    def spin() -> None:
+        try:
+            while context.ok():
+                executor.spin_once(timeout_sec=0.05)
+        except ExternalShutdownException:
+            pass
+    spin = threading.Thread(target=spin, daemon=True)
+    spin.start()
+    try:
+        if "echo ready" not in echo.stdout.readline():
+            raise RuntimeError("bench ros: the echo process did not start")
+        RateLoop(ping, hz).run(duration=2.0)   # DDS discovery and matching
+        t_window[0] = time.monotonic_ns()
+        RateLoop(ping, hz).run(duration=seconds)
+        time.sleep(0.1)
+    finally:
+        echo.terminate()
+        echo.wait(timeout=10)
+        executor.shutdown()
+        context.try_shutdown()
+        spin.join(2.0)
+    p50, p99 = _percentiles(np.asarray(rtt, np.int64))
+    return {"ros_floor_p50_us": p50, "ros_floor_p99_us": p99, "ros_floor_samples": len(rtt)}
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["echo"]:
+        echo_main(int(sys.argv[2]))
