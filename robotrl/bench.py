@@ -177,8 +177,7 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
         bare = torch.jit.script(mlp([weights[0].shape[1], *[w.shape[0] for w in weights]]).eval().requires_grad_(False))
         x = torch.as_tensor(obs)
 
-        @torch.inference_mode()   # as Artifact.step runs
-        def baseline():
+        def baseline():   # as Artifact.step runs: no grad context, parameters without requires_grad
             bare(x).numpy()
         variants["bare MLP"] = baseline
     lat = {k: np.empty(calls) for k in variants}
