@@ -87,6 +87,6 @@ def _print(out: dict) -> None:
             ("overruns", "overruns", "{}"), ("ros_latency_p99_us", "ROS s→c p99 µs", "{:.0f}"),
             ("ros_floor_p99_us", "ROS floor p99 µs", "{:.0f}")]
     print("\nbench loop (controller tick over UDP to the emulated firmware)")
-    print("rate  " + "".join(f"{c[1]:>16}" for c in cols))
+    print("rate  " + "".join(f"{c[1]:>17}" for c in cols))
     for hz, r in out.items():
-        print(f"{hz:>4}  " + "".join(f"{(c[2].format(r[c[0]]) if c[0] in r else '-'):>16}" for c in cols))
+        print(f"{hz:>4}  " + "".join(f"{(c[2].format(r[c[0]]) if c[0] in r else '-'):>17}" for c in cols))
