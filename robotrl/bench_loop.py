@@ -8,7 +8,6 @@ import contextlib
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from real.rt_loop import RateLoop

@@ -2,7 +2,6 @@
 steps every copy in one C call (sim/batched.py) with same-step autoreset."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym

@@ -37,7 +37,6 @@ class Faulty(HardwareInterface):
 def assert_within_limits(spec, twin):
     log = twin.sim.applied_commands()
     assert log, "no command reached the firmware"
-    q_now = None
     for c in log:
         assert np.all(c.q_target >= spec.q_lower - 1e-6) and np.all(c.q_target <= spec.q_upper + 1e-6)
         assert np.all(np.isfinite(c.q_target)) and np.all(c.kp >= 0) and np.all(c.kd >= 0)

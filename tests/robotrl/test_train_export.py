@@ -1,7 +1,6 @@
 """The spine end to end: train a tiny run, export it, load it where only torch and numpy exist,
 evaluate it, and refuse what must be refused."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -126,7 +125,6 @@ def test_corrupt_artifact_and_checkpoint_give_clear_errors(artifact, run, tmp_pa
 
 
 def test_export_refuses_when_parity_fails(run, tmp_path):
-    import torch
     from robotrl.export import ExportError, export_artifact
     from robotrl.networks import MlpDeployPolicy
     from robotrl.policies import artifact_manifest
@@ -195,7 +193,6 @@ def test_bad_input_is_named(args, needle, capsys, tmp_path):
 
 def test_init_from_copies_the_policy_and_keeps_new_parts_fresh(run, capsys):
     import torch
-    from omegaconf import OmegaConf
     from robotrl.runner import build, init_policy
     from robotrl.cli import compose_train_config
     cfg = compose_train_config(["algo=eco", "num_envs=2", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]"])

@@ -34,6 +34,7 @@ RECORDED = {
     "firmware_mode_request": (UInt8, CONTROL_QOS),
     "cmd_vel": (Twist, CONTROL_QOS),
 }
+assert RECORDED.keys() == TOPICS.keys(), "the recorder records every topic of messages.TOPICS"
 # Many messages may queue between spins at 50 Hz x several topics: keep them all.
 RECORD_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
 PRIMITIVES = {"bool", "byte", "char", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32",
