@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 import rclpy
@@ -93,18 +94,26 @@ def status(name: str, level: int, message: str, hardware_id: str, values: dict) 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
+_stop_requested = threading.Event()
+
+
+def _request_stop(*_):
+    # Only a flag. An exception raised from a signal handler lands wherever the main thread is,
+    # which can be inside a pybind11 callback of the executor converting a message: rclpy then
+    # raises "Unable to convert call argument '0' to Python object" instead, and the node died with
+    # exit code 1 on a plain Ctrl-C (seen in `robotrl bench loop` at 500 Hz).
+    _stop_requested.set()
 
 
 def run(make_node: Callable[[], RobotNode], name: str, argv: list[str] | None = None,
         refusals: tuple[type[Exception], ...] = ()) -> int:
     """Build the node, start it, spin it until Ctrl-C / SIGTERM or its failure, close it. rclpy's own
     signal handlers are off: they would invalidate the context before close() could send the
-    last (damping) messages, so SIGINT and SIGTERM raise KeyboardInterrupt here instead."""
+    last (damping) messages, so SIGINT and SIGTERM set a flag that the spin loop checks every
+    0.1 s (a signal during start-up takes effect once the node is built)."""
     rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
     log = rclpy.logging.get_logger(name)
     node, code = None, 0
     try:
@@ -116,10 +125,8 @@ def run(make_node: Callable[[], RobotNode], name: str, argv: list[str] | None = 
         # SingleThreadedExecutor, whose overruns it also cut from ~500 to <100 in 4 s (robotrl bench loop).
         executor = EventsExecutor()
         executor.add_node(node)
-        while node.failure is None:
+        while node.failure is None and not _stop_requested.is_set():
             executor.spin_once(timeout_sec=0.1)
-    except KeyboardInterrupt:
-        pass
     except REFUSALS + refusals as e:
         log.fatal(f"refusing to start: {e}")
         code = 1
