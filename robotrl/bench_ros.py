@@ -232,8 +232,8 @@ def ros_floor_stats(hz: float, seconds: float, domain_id: int | None = None) -> 
                 executor.spin_once(timeout_sec=0.05)
         except ExternalShutdownException:
             pass
-    spin = threading.Thread(target=spin, daemon=True)
-    spin.start()
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
     try:
         if "echo ready" not in echo.stdout.readline():
             raise RuntimeError("bench ros: the echo process did not start")
@@ -246,7 +246,7 @@ def ros_floor_stats(hz: float, seconds: float, domain_id: int | None = None) -> 
         echo.wait(timeout=10)
         executor.shutdown()
         context.try_shutdown()
-        spin.join(2.0)
+        spinner.join(2.0)
     p50, p99 = _percentiles(np.asarray(rtt, np.int64))
     return {"ros_floor_p50_us": p50, "ros_floor_p99_us": p99, "ros_floor_samples": len(rtt)}
 
