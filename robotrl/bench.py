@@ -174,7 +174,8 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
     variants = {"artifact": lambda: art.step(obs)}
     weights = [v for k, v in art.module.state_dict().items() if k.startswith("actor.") and k.endswith(".weight")]
     if weights:
-        bare = torch.jit.script(mlp([weights[0].shape[1], *[w.shape[0] for w in weights]]).eval().requires_grad_(False))
+        sizes = [weights[0].shape[1], *[w.shape[0] for w in weights]]
+        bare = torch.jit.script(mlp(sizes).eval().requires_grad_(False))
         x = torch.as_tensor(obs)
 
         def baseline():   # as Artifact.step runs: no grad context, parameters without requires_grad

@@ -99,15 +99,21 @@ def latency_from_traces(trace: Path, t0_ns: int, t1_ns: int) -> dict:
             "ros_states_in_window": int(((states["rx_ns"] >= t0_ns) & (states["rx_ns"] < t1_ns)).sum())}
 
 
+def _loopback_domain(domain_id: int | None) -> tuple[int, dict]:
+    """A ROS domain of this benchmark's own (by pid unless given), discovery on loopback: the id and
+    the environment for child processes (this process's participants get the discovery range too)."""
+    domain = domain_id or (os.getpid() % 100 + 1)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    return domain, {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+
+
 def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = None) -> dict:
     """Start the graph at control rate `hz`, start the policy, measure for `seconds`, stop it
     cleanly (SIGINT, reverse order: the policy damps the robot on its way out); see the module
     docstring for what each returned figure means."""
     from real.robot_spec import load_robot
     from robotrl.deploy import Graph, load_launch
-    domain = domain_id or (os.getpid() % 100 + 1)
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")   # for this process's participant
+    domain, env = _loopback_domain(domain_id)
     with tempfile.TemporaryDirectory(prefix="bench_ros_") as tmp:
         trace = Path(tmp)
         env["ROBOTRL_LATENCY_TRACE"] = str(trace)
@@ -200,9 +206,7 @@ def ros_floor_stats(hz: float, seconds: float, domain_id: int | None = None) -> 
     from std_msgs.msg import Float64MultiArray
     from real.rt_loop import RateLoop
     from robotrl_ros.messages import CONTROL_QOS
-    domain = domain_id or (os.getpid() % 100 + 1)
-    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    domain, env = _loopback_domain(domain_id)
     echo = subprocess.Popen([sys.executable, "-m", "robotrl.bench_ros", "echo", str(domain)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     context, node, executor = _ping_node("bench_ping", domain)

@@ -96,7 +96,7 @@ def _fmt(v, spec: str = ".3g") -> str:
 def _energy_term(row: dict) -> str:
     if row.get("b1") is not None:
         return f"b1 = {_fmt(row['b1'])} {row['energy_unit']}"
-    if row.get("energy_weight") is not None and row["method"] == "ppo_shaping":
+    if row.get("energy_weight") is not None:   # only ppo_shaping's config has one
         return f"reward −{_fmt(row['energy_weight'])}/J"
     return "—"
 

@@ -156,8 +156,9 @@ class PPO:
                extra_loss=None, cost_returns: torch.Tensor | None = None) -> dict[str, float]:
         """One PPO update on the filled buffer. `extra_loss(batch_idx, dist, ratio, folded) -> (loss,
         scale)` lets constrained variants add their terms (`folded`: minibatch_distribution's second
-        output); `scale` divides the reward surrogate (ECO's normalised combined loss). `cost_returns` [T·N, K]: targets of the model's cost head, fitted
-        with the value in the same passes."""
+        output); `scale` divides the reward surrogate (ECO's normalised combined loss).
+        `cost_returns` [T·N, K]: targets of the model's cost head, fitted with the value in the same
+        passes."""
         c, b, m = self.cfg, self.buffer, self.model
         check_finite("rewards", b.rewards, step)
         check_finite("observations", b.obs, step)
