@@ -1,8 +1,10 @@
-"""Networks shared by the algorithms: MLPs, a running observation normaliser, the Gaussian actor."""
+"""Networks shared by the algorithms: MLPs, a running observation normaliser, the Gaussian actor
+(feed-forward, or reading its observations through a GRU/LSTM memory), and their deploy modules."""
 from __future__ import annotations
 
 from typing import Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,22 +53,93 @@ class RunningNorm(nn.Module):
         return torch.clamp((x - self.mean) / torch.sqrt(self.var + self.eps), -self.clip, self.clip)
 
 
+class GRUMemory(nn.Module):
+    """One step of a GRU: (input, state [B, size]) -> (features, next state)."""
+
+    def __init__(self, n_in: int, size: int):
+        super().__init__()
+        self.cell = nn.GRUCell(n_in, size)
+        self.state_size = size
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.cell(x, state)
+        return h, h
+
+
+class LSTMMemory(nn.Module):
+    """One step of an LSTM; its state is (h, c) side by side in one tensor [B, 2·size], so every
+    memory is carried, stored and reset as one tensor."""
+
+    def __init__(self, n_in: int, size: int):
+        super().__init__()
+        self.cell = nn.LSTMCell(n_in, size)
+        self.size = size
+        self.state_size = 2 * size
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h, c = self.cell(x, (state[:, :self.size], state[:, self.size:]))
+        return h, torch.cat([h, c], -1)
+
+
+MEMORIES = {"gru": GRUMemory, "lstm": LSTMMemory}
+
+
 class ActorCritic(nn.Module):
     """Gaussian actor with a state-independent log-std, and a critic that may see privileged
-    observations (asymmetric). Normalisers live here so export carries them."""
+    observations (asymmetric). Normalisers live here so export carries them.
+
+    With `rnn` ("gru" or "lstm") the actor reads the normalised observation through a recurrent
+    memory of `rnn_size` units before its MLP: for what one frame does not show (a payload, the
+    terrain, a latency). The critic stays feed-forward: it sees privileged state. Every policy has
+    `step(obs, state) -> (mean, state)`; a feed-forward one carries an empty state [B, 0]."""
 
     def __init__(self, obs_size: int, critic_obs_size: int, action_size: int, actor_hidden: list[int],
-                 critic_hidden: list[int], activation: str = "elu", init_std: float = 1.0):
+                 critic_hidden: list[int], activation: str = "elu", init_std: float = 1.0,
+                 rnn: str = "none", rnn_size: int = 64):
         super().__init__()
+        if rnn != "none" and rnn not in MEMORIES:
+            raise ValueError(f"unknown rnn '{rnn}'; available: none, {', '.join(sorted(MEMORIES))}")
+        self.rnn = rnn
         self.obs_norm = RunningNorm(obs_size)
         self.critic_norm = RunningNorm(critic_obs_size)
-        self.actor = mlp([obs_size, *actor_hidden, action_size], activation, out_gain=0.01)
+        self.memory = MEMORIES[rnn](obs_size, rnn_size) if rnn != "none" else None
+        actor_in = rnn_size if self.memory is not None else obs_size
+        self.actor = mlp([actor_in, *actor_hidden, action_size], activation, out_gain=0.01)
         self.critic = mlp([critic_obs_size, *critic_hidden, 1], activation, out_gain=1.0)
         self.log_std = nn.Parameter(torch.full((action_size,), float(torch.log(torch.tensor(init_std)))))
         self.cost_head = None   # constrained methods add a Linear: cost values from the critic's features
 
+    @property
+    def recurrent(self) -> bool:
+        return self.memory is not None
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """The memory of a fresh episode: zeros [batch, state size] (size 0 without a memory)."""
+        return torch.zeros(batch, self.memory.state_size if self.memory is not None else 0)
+
     def action_mean(self, obs: torch.Tensor) -> torch.Tensor:
+        """The feed-forward actor on a batch of observations (a recurrent one needs `step`)."""
+        if self.memory is not None:
+            raise RuntimeError("a recurrent actor needs its memory: call step(obs, state) or sequence_means")
         return self.actor(self.obs_norm(obs))
+
+    def step(self, obs: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One control step: action means and the next memory state."""
+        if self.memory is None:
+            return self.actor(self.obs_norm(obs)), state
+        features, state = self.memory(self.obs_norm(obs), state)
+        return self.actor(features), state
+
+    def sequence_means(self, obs: torch.Tensor, state: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Action means over time-major sequences obs [T, B, ·] from memory `state` [B, S], the memory
+        zeroed where an episode starts (starts [T, B]), as it was while acting; gradients flow
+        through the whole sequence (backpropagation through time)."""
+        means = []
+        for t in range(obs.shape[0]):
+            state = state * (1.0 - starts[t]).unsqueeze(-1)
+            mean, state = self.step(obs[t], state)
+            means.append(mean)
+        return torch.stack(means)
 
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
         return self.gaussian(self.action_mean(obs))
@@ -83,15 +156,30 @@ class ActorCritic(nn.Module):
         costs = self.cost_head(features) if self.cost_head is not None else None
         return self.critic[-1](features).squeeze(-1), costs
 
-    def export(self, path, manifest: dict, parity_obs, **kwargs) -> dict:
-        """Write this policy as one artifact (normaliser, actor mean, action post-processing)."""
+    def export(self, path, manifest: dict, parity_obs, episode_starts=None, **kwargs) -> dict:
+        """Write this policy as one artifact (normaliser, actor mean, action post-processing; a
+        recurrent one also its memory, zeroed by the artifact's reset()). The parity check replays
+        `parity_obs` in time order, the memory reset where `episode_starts` is True."""
         from robotrl.export import export_artifact
-        deploy = MlpDeployPolicy(self, manifest)
+        clip = float(manifest["action"]["clip"])
+        n = len(parity_obs)
+        starts = np.zeros(n, dtype=bool) if episode_starts is None else np.asarray(episode_starts, dtype=bool)
+        starts[:1] = True
+        if self.memory is None:
+            deploy = MlpDeployPolicy(self, manifest)
+            policy = {"stateful": False}
+        else:
+            deploy = RecurrentDeployPolicy(self, manifest)
+            policy = {"stateful": True, "rnn": self.rnn, "rnn_size": self.memory.cell.hidden_size,
+                      "reset": "call reset() at every episode start (zeroes the memory)"}
+        manifest = {**manifest, "policy": policy}
 
-        def reference(obs: torch.Tensor) -> torch.Tensor:
-            clip = float(manifest["action"]["clip"])
-            return torch.clamp(self.action_mean(obs), -clip, clip)
-        return export_artifact(deploy, manifest, path, parity_obs, reference, **kwargs)
+        @torch.no_grad()
+        def reference(obs: torch.Tensor) -> torch.Tensor:   # the training-time path, one env
+            start_rows = torch.as_tensor(starts, dtype=torch.float32)[:, None]
+            means = self.sequence_means(obs[:, None], self.initial_state(1), start_rows)[:, 0]
+            return torch.clamp(means, -clip, clip)
+        return export_artifact(deploy, manifest, path, parity_obs, reference, episode_starts=starts, **kwargs)
 
 
 class DeployModule(nn.Module):
@@ -109,8 +197,9 @@ class MlpDeployPolicy(DeployModule):
     joint position targets: offset + scale·action, clipped to the joint limits) and `step`
     (both in one call, what the control loop runs every tick).
 
-    The normaliser is folded into the first layer (clip the raw observation to mean ± clip·std,
-    then W/std): the same function with two fewer ops per tick, which matters at ~5 µs per op."""
+    The normaliser is folded into the first layer that reads the observation (clip the raw
+    observation to mean ± clip·std, then W/std): the same function with two fewer ops per tick,
+    which matters at ~5 µs per op."""
 
     def __init__(self, policy: ActorCritic, manifest: dict):
         super().__init__()
@@ -120,10 +209,13 @@ class MlpDeployPolicy(DeployModule):
         self.register_buffer("obs_lower", (norm.mean - norm.clip * std).detach().clone())
         self.register_buffer("obs_upper", (norm.mean + norm.clip * std).detach().clone())
         self.actor = copy.deepcopy(policy.actor)
-        first = self.actor[0]
+        self.memory = copy.deepcopy(policy.memory)
+        reads_obs = [(self.actor[0].weight, self.actor[0].bias)] if self.memory is None else \
+            [(self.memory.cell.weight_ih, self.memory.cell.bias_ih)]
         with torch.no_grad():
-            first.weight.div_(std)
-            first.bias.sub_(first.weight @ norm.mean)
+            for weight, bias in reads_obs:
+                weight.div_(std)
+                bias.sub_(weight @ norm.mean)
         self.register_buffer("offset", torch.tensor(act["offset"], dtype=torch.float32))
         self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
         self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
@@ -140,3 +232,24 @@ class MlpDeployPolicy(DeployModule):
     @torch.jit.export
     def reset(self) -> None:
         pass
+
+
+class RecurrentDeployPolicy(MlpDeployPolicy):
+    """The same, with the actor's memory: the artifact carries the memory state of one robot
+    (one observation [obs] per call) and `reset()` zeroes it, which the robot side does at every
+    start and the evaluator at every episode start."""
+
+    def __init__(self, policy: ActorCritic, manifest: dict):
+        super().__init__(policy, manifest)
+        self.register_buffer("state", policy.initial_state(1))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(obs, self.obs_lower, self.obs_upper).reshape(1, -1)
+        features, state = self.memory(x, self.state)
+        self.state.copy_(state)
+        action = torch.clamp(self.actor(features), -self.clip, self.clip)
+        return action[0] if obs.dim() == 1 else action
+
+    @torch.jit.export
+    def reset(self) -> None:
+        self.state.zero_()

@@ -126,8 +126,9 @@ def _finish(run_dir: Path, cfg: DictConfig, keys: list[str], summary: dict, vide
     video = None
     if cfg.get("video") and video_policy is not None:
         from robotrl.video import record_video
-        video = record_video(_task_cfg(cfg), video_policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds,
-                             seed=cfg.seed)
+        policy, reset = video_policy
+        video = record_video(_task_cfg(cfg), policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds,
+                             seed=cfg.seed, on_reset=reset)
     summary = {"run_dir": str(run_dir), "plots": [str(p) for p in curves], "video": str(video) if video else None,
                **summary}
     tmp = run_dir / "summary.json.tmp"
@@ -137,11 +138,10 @@ def _finish(run_dir: Path, cfg: DictConfig, keys: list[str], summary: dict, vide
 
 
 def _video_policy(base, actor, clip):
-    """One-env policy for the video (its queue is not told about the video's resets: after a
-    success the first chunk of the next episode may be stale for up to `execute` steps)."""
+    """(one-env policy, its reset) for the video: the chunk queue is emptied at each episode start."""
     b1 = base.with_batch(1)
     act = base_act_fn(b1, actor, clip)
-    return lambda o: act(torch.as_tensor(o, dtype=torch.float32)[None])[0]
+    return (lambda o: act(torch.as_tensor(o, dtype=torch.float32)[None])[0]), b1.reset
 
 
 def keep_freed_memory() -> None:

@@ -30,13 +30,13 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     # The artifact needs the policy only (normaliser, actor): critic-side parts may differ between
     # versions (ECO's cost critic became a cost head) without stopping an export.
     missing, _ = algo.model.load_state_dict(ckpt["model"], strict=False)
-    policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm."))]
+    policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm.", "memory."))]
     if policy_missing:
         raise ValueError(f"{run}: the checkpoint lacks policy tensors {policy_missing}")
     run_dir = Path(cfg.run_dir)
     path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}.pt"
     manifest = artifact_manifest(env.task, ckpt["config"], run_dir.name, ckpt["env_steps"])
-    full = algo.model.export(path, manifest, ckpt["parity_obs"])
+    full = algo.model.export(path, manifest, ckpt["parity_obs"], ckpt.get("parity_starts"))
     print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "
           f"recorded observations\n  weights sha256 {full['hashes']['weights_sha256'][:16]}…")
     return path

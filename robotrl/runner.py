@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> Path:
                 episodes += int(done.sum())
         env_steps += per_iter
         collect_s = time.perf_counter() - t0
-        parity_obs = algo.buffer.obs.reshape(-1, env.task.obs_size).numpy()[-PARITY_ROWS:].copy()
+        parity_obs, parity_starts = algo.parity_sequences(PARITY_ROWS)
         stats = algo.update(torch.as_tensor(critic), progress=iteration / total_iters, step=env_steps)
         iteration += 1
         metrics = {"train/episode_return": float(np.mean(returns[-100:])) if returns else np.nan,
@@ -114,7 +114,8 @@ def train(cfg: DictConfig) -> Path:
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
             save_atomic({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
                          "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
-                         "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs},
+                         "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs,
+                         "parity_starts": parity_starts},
                         run_dir / "checkpoints" / "last.pt")
     bar.close()
     logger.close()
@@ -146,10 +147,17 @@ def finish(run_dir: Path, cfg: DictConfig, algo) -> None:
         from sim.envs import task_config
         task_cfg = task_config(OmegaConf.to_container(cfg.task, resolve=True))
 
+        memory = [algo.model.initial_state(1)]
+
         def policy(o):
             with torch.no_grad():
-                return algo.model.action_mean(torch.as_tensor(o, dtype=torch.float32)[None])[0].numpy()
-        video = record_video(task_cfg, policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds, seed=cfg.seed)
+                mean, memory[0] = algo.model.step(torch.as_tensor(o, dtype=torch.float32)[None], memory[0])
+            return mean[0].numpy()
+
+        def reset():
+            memory[0] = algo.model.initial_state(1)
+        video = record_video(task_cfg, policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds, seed=cfg.seed,
+                             on_reset=reset)
     summary = {"run_dir": str(run_dir), "plots": [str(p) for p in curves], "video": str(video) if video else None}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"run folder: {run_dir}\n  plots: {', '.join(str(p) for p in curves)}\n  video: {video}")

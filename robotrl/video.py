@@ -9,7 +9,9 @@ import numpy as np
 
 
 def record_video(task_cfg, policy: Callable[[np.ndarray], np.ndarray], path: Path, seconds: float = 6.0,
-                 seed: int = 0, fps: int = 25) -> Path | None:
+                 seed: int = 0, fps: int = 25, on_reset: Callable[[], None] | None = None) -> Path | None:
+    """Render `policy` in the task for `seconds`; `on_reset` (a stateful policy's reset) is called at
+    every episode start."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     import imageio.v2 as imageio
 
@@ -25,6 +27,8 @@ def record_video(task_cfg, policy: Callable[[np.ndarray], np.ndarray], path: Pat
                 frames.append(env.render())
             if terminated or truncated:
                 obs, _ = env.reset()
+                if on_reset is not None:
+                    on_reset()
         tmp = path.with_suffix(".tmp.mp4")
         imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=8)
         os.replace(tmp, path)

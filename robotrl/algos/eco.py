@@ -157,6 +157,7 @@ class ConstrainedPPO(PPO):
     PPO's extra_loss hook: (loss, scale) with the policy loss = (L_clip + loss) / scale; `mirrored`
     is the policy's means on the mirrored states that minibatch_distribution folded into its pass)."""
     uses_cost_advantages = True
+    supports_rnn = False   # the mirror loss compares single rows: a memory would need mirrored histories
 
     def __init__(self, obs_size: int, critic_size: int, action_size: int, cfg: ConstrainedConfig, num_envs: int):
         super().__init__(obs_size, critic_size, action_size, cfg, num_envs)
@@ -229,13 +230,13 @@ class ConstrainedPPO(PPO):
     def mirror_rows(self, n: int) -> int:
         return max(1, round(n * self.cfg.mirror_fraction))
 
-    def minibatch_distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
+    def minibatch_distribution(self, obs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
         """With symmetry, ONE actor pass over the minibatch and the mirror of its first mirror_rows
         states (the rows are in random order): PPO's distribution, and the policy's means on those
         mirrored states (`mirrored`, for the mirror loss). Two passes cost ECO more than the loss's
         arithmetic on a small network."""
         if self.mirror_obs is None:
-            return super().minibatch_distribution(obs)
+            return super().minibatch_distribution(obs, idx)
         means = self.model.action_mean(torch.cat([obs, self.mirror_obs(obs[:self.mirror_rows(len(obs))])]))
         return self.model.gaussian(means[:len(obs)]), means[len(obs):]
 

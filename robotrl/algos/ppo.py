@@ -1,6 +1,12 @@
 """PPO, top to bottom: rollout storage, GAE, the clipped surrogate with clipped value loss,
-observation normalisation, adaptive (KL-targeted) or scheduled learning rate, and an
-asymmetric critic. ECO and VLA-RL build on `RolloutBuffer`, `gae` and `PPO.update`.
+observation normalisation, adaptive (KL-targeted) or scheduled learning rate, an asymmetric
+critic, and an optional recurrent actor (`rnn=gru|lstm`). ECO and VLA-RL build on
+`RolloutBuffer`, `gae` and `PPO.update`.
+
+A recurrent actor's memory is carried per env while acting (zeroed when an episode ends) and
+stored with each step; an update replays whole env sequences from the stored memory at the
+rollout's start, zeroing it where episodes started, so the gradient flows through time (BPTT
+over the rollout) and the probabilities are those of the policy that acted.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ class PPOConfig:
     activation: str = "elu"
     init_std: float = 1.0
     normalize_advantages: bool = True
+    rnn: str = "none"                # none | gru | lstm: a recurrent memory before the actor's MLP
+    rnn_size: int = 64
 
     def __post_init__(self):
         if self.lr_schedule not in ("adaptive", "linear", "constant"):
@@ -43,6 +51,10 @@ class PPOConfig:
         for key in ("gamma", "lam"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise ValueError(f"algo.{key} must be in (0, 1], got {getattr(self, key)}")
+        if self.rnn not in ("none", "gru", "lstm"):
+            raise ValueError(f"algo.rnn must be one of none, gru, lstm; got '{self.rnn}'")
+        if self.rnn_size < 1:
+            raise ValueError(f"algo.rnn_size must be >= 1, got {self.rnn_size}")
         if self.lr <= 0 or self.clip <= 0:
             raise ValueError(f"algo.lr and algo.clip must be > 0, got lr={self.lr}, clip={self.clip}")
 
@@ -58,7 +70,8 @@ def check_finite(name: str, x: torch.Tensor, step: int) -> None:
 
 
 class RolloutBuffer:
-    def __init__(self, steps: int, num_envs: int, obs_size: int, critic_size: int, action_size: int):
+    def __init__(self, steps: int, num_envs: int, obs_size: int, critic_size: int, action_size: int,
+                 memory_size: int = 0):
         T, N = steps, num_envs
         self.obs = torch.zeros(T, N, obs_size)
         self.critic_obs = torch.zeros(T, N, critic_size)
@@ -69,6 +82,7 @@ class RolloutBuffer:
         self.dones = torch.zeros(T, N)       # episode ended after this step (terminated or truncated)
         self.mu = torch.zeros(T, N, action_size)
         self.sigma = torch.zeros(T, N, action_size)
+        self.memory = torch.zeros(T, N, memory_size)   # a recurrent actor's memory before each step
         self.t = 0
 
     def add(self, **values: torch.Tensor) -> None:
@@ -94,14 +108,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_v
 
 
 class PPO:
+    supports_rnn = True   # subclasses whose losses read single rows (ECO's mirror loss) say False
+
     def __init__(self, obs_size: int, critic_size: int, action_size: int, cfg: PPOConfig, num_envs: int):
         self.cfg = cfg
+        if cfg.rnn != "none" and not self.supports_rnn:
+            raise ValueError(f"algo.rnn={cfg.rnn}: algo={cfg.name} has no recurrent policy; "
+                             "algo.rnn is available with algo=ppo")
         self.model = ActorCritic(obs_size, critic_size, action_size, cfg.actor_hidden, cfg.critic_hidden,
-                                 cfg.activation, cfg.init_std)
+                                 cfg.activation, cfg.init_std, cfg.rnn, cfg.rnn_size)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.lr = cfg.lr
         self.cost_values = None   # of the last act(), when the model has a cost head
-        self.buffer = RolloutBuffer(cfg.steps_per_env, num_envs, obs_size, critic_size, action_size)
+        self.memory = self.model.initial_state(num_envs)   # the actor's memory per env ([N, 0] without rnn)
+        self.buffer = RolloutBuffer(cfg.steps_per_env, num_envs, obs_size, critic_size, action_size,
+                                    self.memory.shape[1])
 
     def training_state(self) -> dict:
         """What a resumed run needs beyond the model's weights (checkpointed beside them)."""
@@ -115,11 +136,13 @@ class PPO:
     def act(self, obs: torch.Tensor, critic_obs: torch.Tensor) -> torch.Tensor:
         self.model.obs_norm.update(obs)
         self.model.critic_norm.update(critic_obs)
-        dist = self.model.distribution(obs)
+        mean, next_memory = self.model.step(obs, self.memory)
+        dist = self.model.gaussian(mean)
         action = dist.sample()
         value, self.cost_values = self.model.values(critic_obs)   # cost values: None without a cost head
         self.buffer.add(obs=obs, critic_obs=critic_obs, actions=action, logp=dist.log_prob(action).sum(-1),
-                        values=value, mu=dist.mean, sigma=dist.stddev)
+                        values=value, mu=dist.mean, sigma=dist.stddev, memory=self.memory)
+        self.memory = next_memory
         return action
 
     @torch.no_grad()
@@ -130,6 +153,7 @@ class PPO:
         t = self.buffer.t - 1
         self.buffer.rewards[t] = rewards + self.cfg.gamma * torch.where(truncated, truncated_value, 0.0)
         self.buffer.dones[t] = (terminated | truncated).float()
+        self.memory[terminated | truncated] = 0.0   # a new episode starts with an empty memory
 
     def env_step(self, env, obs: np.ndarray, critic_obs: np.ndarray):
         """One step of collection on a vector env (robotrl's TaskVectorEnv API): act, step,
@@ -147,10 +171,43 @@ class PPO:
     def value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.model.value(critic_obs)
 
-    def minibatch_distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
-        """The policy on a minibatch's observations, and what a subclass computed on more rows folded
-        into the same actor pass (handed to its extra_loss; PPO folds none)."""
-        return self.model.distribution(obs), None
+    def minibatches(self) -> list[torch.Tensor]:
+        """One epoch's minibatches, as row indices into the flattened (T·N) rollout: random rows for a
+        feed-forward actor; for a recurrent one, all T steps of a random subset of envs, time-major
+        (row t·n + i is step t of the subset's env i), so its memory can be replayed; then there are
+        at most N minibatches."""
+        T, N = self.buffer.rewards.shape
+        k = self.cfg.minibatches
+        if not self.model.recurrent:
+            perm, batch = torch.randperm(T * N), T * N // k
+            return [perm[i * batch:(i + 1) * batch] for i in range(k)]
+        k = min(k, N)
+        envs, per = torch.randperm(N), N // k
+        steps = torch.arange(T)[:, None] * N
+        return [(steps + envs[i * per:(i + 1) * per]).reshape(-1) for i in range(k)]
+
+    def minibatch_distribution(self, obs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
+        """The policy on a minibatch's observations (rows `idx` of the rollout), and what a subclass
+        computed on more rows folded into the same actor pass (handed to its extra_loss; PPO folds
+        none). A recurrent actor replays its memory over the minibatch's env sequences."""
+        if not self.model.recurrent:
+            return self.model.distribution(obs), None
+        b = self.buffer
+        T = b.rewards.shape[0]
+        envs = idx[:len(idx) // T]
+        starts = torch.cat([torch.zeros(1, len(envs)), b.dones[:-1, envs]])   # memory zeroed after a done
+        means = self.model.sequence_means(obs.reshape(T, len(envs), -1), b.memory[0, envs], starts)
+        return self.model.gaussian(means.reshape(T * len(envs), -1)), None
+
+    def parity_sequences(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Recorded observations for export's parity check: whole env sequences of the last rollout
+        in time order, and where each starts (a recurrent artifact is checked from fresh memory)."""
+        T, N = self.buffer.rewards.shape
+        k = max(1, min(N, rows // T))
+        obs = self.buffer.obs[:, :k].transpose(0, 1).reshape(k * T, -1).numpy().copy()
+        starts = np.zeros(k * T, dtype=bool)
+        starts[::T] = True
+        return obs, starts
 
     def update(self, last_critic_obs: torch.Tensor, progress: float, step: int,
                extra_loss=None, cost_returns: torch.Tensor | None = None) -> dict[str, float]:
@@ -172,12 +229,9 @@ class PPO:
             self.lr = c.lr * max(1.0 - progress, 0.05)
         stats = {"loss/policy": 0.0, "loss/value": 0.0, "loss/entropy": 0.0, "kl": 0.0, "clip_frac": 0.0}
         n_updates = 0
-        batch = T * N // c.minibatches
         for _ in range(c.epochs):
-            perm = torch.randperm(T * N)
-            for k in range(c.minibatches):
-                idx = perm[k * batch:(k + 1) * batch]
-                dist, folded = self.minibatch_distribution(obs[idx])
+            for idx in self.minibatches():
+                dist, folded = self.minibatch_distribution(obs[idx], idx)
                 logp = dist.log_prob(act[idx]).sum(-1)
                 entropy = dist.entropy().sum(-1).mean()
                 with torch.no_grad():  # KL(old || new) of diagonal Gaussians, for the adaptive lr

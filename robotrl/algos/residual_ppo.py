@@ -58,6 +58,9 @@ class PPOResidual(nn.Module):
 
 def _build(c: ResPPOConfig, task, base_ckpt_state=None, base_cfg=None):
     from robotrl.offpolicy import build_resfit_parts
+    if c.rnn != "none":
+        raise ValueError(f"algo.rnn={c.rnn}: the resppo residual is feed-forward (its base carries the "
+                         "chunk's context); algo.rnn is available with algo=ppo")
     base = build_resfit_parts(SimpleNamespace(use_base=True, base_bias=c.base_bias), task, base_ckpt_state, base_cfg)
     A = task.action_size
     ppo = PPO(task.obs_size + A, task.critic_obs_size + A, A, c, c.num_envs)

@@ -116,14 +116,14 @@ def test_one_folded_actor_pass_minimises_the_full_mirror_loss():
     def full_loss():
         with torch.no_grad():
             return float(algo.mirror_loss(mu(obs), mu(m_obs(obs))))
-    dist, mirrored = algo.minibatch_distribution(obs[:64])
+    dist, mirrored = algo.minibatch_distribution(obs[:64], torch.arange(64))
     torch.testing.assert_close(dist.mean, mu(obs[:64]))
     torch.testing.assert_close(mirrored, mu(m_obs(obs[:algo.mirror_rows(64)])))
     before = full_loss()
     opt = torch.optim.Adam(algo.model.actor.parameters(), lr=1e-3)
     for _ in range(200):
-        batch = obs[torch.randperm(512)[:64]]
-        dist, mirrored = algo.minibatch_distribution(batch)
+        idx = torch.randperm(512)[:64]
+        dist, mirrored = algo.minibatch_distribution(obs[idx], idx)
         loss = algo.mirror_loss(dist.mean, mirrored)
         opt.zero_grad()
         loss.backward()

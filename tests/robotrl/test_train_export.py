@@ -52,6 +52,7 @@ def test_export_parity_and_manifest(artifact):
         assert key in m["robot"]
     assert len(m["hashes"]["weights_sha256"]) == 64 and len(m["hashes"]["config_sha256"]) == 64
     assert "torch" in m["versions"] and "mujoco" in m["versions"]
+    assert m["policy"] == {"stateful": False}   # an MLP: no reset needed between episodes
     targets = art.command(np.full(10, 100.0))
     spec = load_robot("kid_biped")
     assert np.all(targets <= spec.q_upper + 1e-6) and np.all(targets >= spec.q_lower - 1e-6)
