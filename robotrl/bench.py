@@ -7,8 +7,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
+import torch
 
 
 def _rate(fn, seconds: float) -> float:
@@ -65,7 +67,6 @@ def env_against_raw(num_envs: int, seconds: float) -> dict:
 
 
 def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
-    import torch
     from sim.envs import make_vec
     single = env_against_raw(1, seconds)
     batched = env_against_raw(num_envs, seconds)
@@ -115,7 +116,6 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
     multipliers and mirror loss), interleaved iteration by iteration so that both see the same
     machine, and ECO's overhead as the median over iterations of ECO's time / PPO's time (a burst of
     machine noise then spoils one pair, not the figure); then stable-baselines3's PPO on the same task."""
-    import torch
     from robotrl.cli import compose_train_config
     from robotrl.runner import build
     torch.set_num_threads(1)
@@ -159,28 +159,50 @@ def bench_ppo(steps: int, hidden: str = "[64,64]", sb3: bool = True) -> tuple[di
     return ours, model.num_timesteps / (time.perf_counter() - t0)
 
 
+class _BareRecurrent(torch.nn.Module):
+    """The floor for a recurrent artifact: its memory cell and MLP of the same sizes, nothing else."""
+
+    def __init__(self, memory: torch.nn.Module, actor: torch.nn.Module):
+        super().__init__()
+        self.memory, self.actor = memory, actor
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h, state = self.memory(x, state)
+        return self.actor(h), state
+
+
 def bench_infer(artifact: str | None, calls: int) -> dict:
     """Latency of one control tick's policy call (`Artifact.step`: observation → action and joint
-    targets), interleaved in blocks with a baseline: a bare scripted MLP of the same layer sizes
-    (the floor for this network on this machine), when the artifact is an MLP policy."""
-    import torch
+    targets), interleaved in blocks with a baseline: the bare scripted network of the same sizes
+    (an MLP, or a recurrent cell and MLP), the floor for this network on this machine."""
     from real.artifact import load_artifact
     from robotrl import WALK_ARTIFACT
-    from robotrl.networks import mlp
+    from robotrl.networks import MEMORIES, mlp
     path = artifact or str(WALK_ARTIFACT)
     art = load_artifact(path)
     torch.set_num_threads(1)
     obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
     variants = {"artifact": lambda: art.step(obs)}
     weights = [v for k, v in art.module.state_dict().items() if k.startswith("actor.") and k.endswith(".weight")]
+    rnn = art.manifest.get("policy", {}).get("rnn")
     if weights:
         sizes = [weights[0].shape[1], *[w.shape[0] for w in weights]]
-        bare = torch.jit.script(mlp(sizes).eval().requires_grad_(False))
         x = torch.as_tensor(obs)
+        if rnn is None:
+            bare = torch.jit.script(mlp(sizes).eval().requires_grad_(False))
 
-        def baseline():   # as Artifact.step runs: no grad context, parameters without requires_grad
-            bare(x).numpy()
-        variants["bare MLP"] = baseline
+            def baseline():   # as Artifact.step runs: no grad context, parameters without requires_grad
+                bare(x).numpy()
+        else:
+            memory = MEMORIES[rnn](len(obs), sizes[0])
+            net = torch.jit.script(_BareRecurrent(memory, mlp(sizes)).eval().requires_grad_(False))
+            state = [torch.zeros(1, memory.state_size)]
+            x = x[None]
+
+            def baseline():
+                y, state[0] = net(x, state[0])
+                y.numpy()
+        variants["bare network"] = baseline
     lat = {k: np.empty(calls) for k in variants}
     for fn in variants.values():
         for _ in range(200):
@@ -197,12 +219,12 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
            "latency_p99_us": float(np.percentile(a, 99)), "latency_max_us": float(a.max())}
     rows = [("median", f"{res['latency_median_us']:.1f} µs", ""),
             ("p99", f"{res['latency_p99_us']:.1f} µs", "goal ≤ 150 µs"), ("max", f"{res['latency_max_us']:.1f} µs", "")]
-    if "bare MLP" in lat:
-        b = lat["bare MLP"]
-        res.update(bare_mlp_median_us=float(np.median(b)), bare_mlp_p99_us=float(np.percentile(b, 99)),
-                   artifact_over_bare_median=float(np.median(a) / np.median(b)))
-        rows.append(("bare scripted MLP, same sizes", f"{res['bare_mlp_median_us']:.1f} µs median",
-                     f"p99 {res['bare_mlp_p99_us']:.1f} µs; artifact/bare {res['artifact_over_bare_median']:.2f}×"))
+    if "bare network" in lat:
+        b = lat["bare network"]
+        res.update(network=f"{rnn} {sizes[0]} + MLP" if rnn else "MLP", bare_network_median_us=float(np.median(b)),
+                   bare_network_p99_us=float(np.percentile(b, 99)), artifact_over_bare_median=float(np.median(a) / np.median(b)))
+        rows.append((f"bare scripted {res['network']}, same sizes", f"{res['bare_network_median_us']:.1f} µs median",
+                     f"p99 {res['bare_network_p99_us']:.1f} µs; artifact/bare {res['artifact_over_bare_median']:.2f}×"))
     _table("bench infer (observation → action + joint targets, one tick)", rows)
     return res
 

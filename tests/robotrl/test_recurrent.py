@@ -191,3 +191,11 @@ def test_bad_rnn_settings_are_named(args, needle, capsys, tmp_path):
     assert main(["train", "num_envs=2", "progress=false", *args, f"run_dir={tmp_path}/x"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_bench_infer_measures_a_recurrent_artifact_against_its_bare_network(artifact, tmp_path):
+    out = tmp_path / "infer.json"
+    assert main(["bench", "infer", "--artifact", str(artifact), "--calls", "200", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["network"] == "lstm 16 + MLP"
+    assert 0 < res["bare_network_median_us"] and 0 < res["latency_median_us"] <= res["latency_p99_us"]
