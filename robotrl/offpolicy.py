@@ -378,7 +378,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     start = 0
     if ckpt is not None:
         learner.load_state_dict(ckpt["model"]["learner"])
-        online.load(ckpt["replay"])
+        online.load(ckpt["replay"], run_dir / "checkpoints")
         start = ckpt["env_steps"]
         print(f"resumed {run_dir} at env step {start} ({online.size} online transitions)")
     logger = Rows(MetricsLogger(run_dir, resume_at=start if ckpt is not None else None), RESFIT_KEYS)
@@ -412,8 +412,9 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
                          "parity_obs": ev.get("parity_obs"), "parity_starts": ev.get("parity_starts"),
                          "eval": {k: v for k, v in ev.items() if not k.startswith("parity")},
                          "eval0": {k: v for k, v in ev0.items() if not k.startswith("parity")},
-                         "replay": online.state(), "successes": collector.successes},
+                         "replay": online.save(run_dir / "checkpoints"), "successes": collector.successes},
                         run_dir / "checkpoints" / "last.pt")
+            online.prune(run_dir / "checkpoints")   # segments the new checkpoint no longer lists
         if env_steps >= next_log or row:
             next_log += c.log_every if env_steps >= next_log else 0
             recent = collector.successes[-20:]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -317,10 +318,14 @@ FIELDS = ("obs", "base", "action", "reward", "next_obs", "next_base", "discount"
 
 
 class Replay:
-    """A ring of n-step transitions, preallocated as float32 tensors (see `bytes_per_transition`)."""
+    """A ring of n-step transitions, preallocated as float32 tensors (see `bytes_per_transition`).
+    The transition added g-th (from 0) lives in slot g % capacity until overwritten."""
 
     def __init__(self, capacity: int, obs_size: int, action_size: int):
         self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.total = 0        # transitions ever added
+        self.saved = 0        # of which a checkpoint segment holds the first `saved`
+        self.segments: list[tuple[int, int, str]] = []   # (first, end, file) of the saved ones still live
         shapes = {"obs": (obs_size,), "base": (action_size,), "action": (action_size,), "reward": (),
                   "next_obs": (obs_size,), "next_base": (action_size,), "discount": (), "done": ()}
         self.data = {k: torch.zeros((capacity, *shapes[k])) for k in FIELDS}
@@ -331,6 +336,7 @@ class Replay:
                 self.data[k][self.ptr] = torch.as_tensor(t[k])
             self.ptr = (self.ptr + 1) % self.capacity
             self.size = min(self.size + 1, self.capacity)
+            self.total += 1
 
     def add_batch(self, batch: dict[str, torch.Tensor]) -> None:
         n = len(batch["obs"])
@@ -339,19 +345,63 @@ class Replay:
             self.data[k][idx] = batch[k].to(self.data[k].dtype)
         self.ptr = int((self.ptr + n) % self.capacity)
         self.size = min(self.size + n, self.capacity)
+        self.total += n
 
     def sample(self, n: int, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, self.size, (n,), generator=gen)
         return {k: v[idx] for k, v in self.data.items()}
 
-    def state(self) -> dict:
-        """The filled part, for a checkpoint."""
-        return {"size": self.size, "ptr": self.ptr, "data": {k: v[:self.size].clone() for k, v in self.data.items()}}
+    # A checkpoint of the replay is append-only: each one writes the transitions added since the
+    # one before as a new segment file, instead of the whole buffer (454 MiB per million).
+    def save(self, folder: Path) -> dict:
+        """Write what is new as one segment in `folder` (atomically); return the checkpoint's state:
+        the segments that still hold live transitions, oldest first. Call `prune` after the
+        checkpoint that holds this state is written."""
+        from robotrl.checkpoint import save_atomic
+        first = max(self.saved, self.total - self.capacity)   # older new rows were overwritten already
+        if self.total > first:
+            slots = torch.arange(first, self.total) % self.capacity
+            name = f"replay_{first:012d}_{self.total:012d}.pt"
+            save_atomic({k: v[slots] for k, v in self.data.items()}, folder / name)
+            self.segments.append((first, self.total, name))
+        self.saved = self.total
+        oldest_live = self.total - self.size
+        self.segments = [s for s in self.segments if s[1] > oldest_live]
+        return {"total": self.total, "capacity": self.capacity, "segments": [list(s) for s in self.segments]}
 
-    def load(self, state: dict) -> None:
-        self.size, self.ptr = state["size"], state["ptr"]
-        for k, v in state["data"].items():
-            self.data[k][:self.size] = v
+    def prune(self, folder: Path) -> None:
+        """Delete segment files that the last saved state no longer lists."""
+        keep = {name for _, _, name in self.segments}
+        for f in folder.glob("replay_*.pt"):
+            if f.name not in keep:
+                f.unlink()
+
+    def load(self, state: dict, folder: Path) -> None:
+        """Rebuild the ring from a saved state and its segments in `folder`."""
+        if "data" in state:   # checkpoints written before segments held the filled part inline
+            self.size, self.ptr = state["size"], state["ptr"]
+            self.total = self.size if self.size < self.capacity else self.capacity + self.ptr  # slot = g % capacity
+            self.saved = self.total - self.size   # the next save writes them all as one segment
+            for k, v in state["data"].items():
+                self.data[k][:self.size] = v
+            return
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"the checkpoint's replay holds {state['capacity']} transitions, algo.buffer_size is "
+                             f"{self.capacity}; resume with the run's own buffer_size")
+        self.total = self.saved = int(state["total"])
+        self.size, self.ptr = min(self.total, self.capacity), self.total % self.capacity
+        oldest_live = self.total - self.size
+        for first, end, name in state["segments"]:
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f"replay segment {path} is missing: the checkpoint needs every file listed "
+                                 f"in its replay state ({len(state['segments'])} in {folder})")
+            seg = torch.load(path, map_location="cpu")
+            live = torch.arange(first, end) >= oldest_live
+            slots = torch.arange(first, end)[live] % self.capacity
+            for k in FIELDS:
+                self.data[k][slots] = seg[k][live]
+        self.segments = [tuple(s) for s in state["segments"]]
 
     def bytes_per_transition(self) -> int:
         return sum(v[0].numel() * v.element_size() for v in self.data.values())

@@ -164,6 +164,49 @@ def test_batches_are_half_demos_half_online():
     assert online.bytes_per_transition() == 4 * (5 + 3 + 3 + 1 + 5 + 3 + 1 + 1)
 
 
+def test_replay_checkpoints_append_only_segments_and_restores_the_ring(tmp_path):
+    """Each save writes only what was added since the last one; a ring that wrapped is restored slot
+    for slot; segments with no live transition are listed no more and pruned from the folder."""
+    from robotrl.algos.resfit import FIELDS, Replay
+
+    def batch(start, n):   # transition g has reward g, so where each one lives is visible
+        return {k: torch.arange(start, start + n, dtype=torch.float32).reshape(n, *([1] * (len(shape) - 1)))
+                .expand(n, *shape[1:]).clone() for k, shape in ((k, rb.data[k].shape) for k in FIELDS)}
+
+    rb = Replay(10, 4, 2)
+    rb.add_batch(batch(0, 7))
+    state = rb.save(tmp_path)
+    assert [s[:2] for s in state["segments"]] == [[0, 7]]
+    rb.add_batch(batch(7, 6))                       # 13 added: the ring wrapped, 3..12 live
+    state = rb.save(tmp_path)
+    assert [s[:2] for s in state["segments"]] == [[0, 7], [7, 13]]   # the first still holds 3..6
+    sizes = {f.name: f.stat().st_size for f in tmp_path.glob("replay_*.pt")}
+    assert len(sizes) == 2
+    restored = Replay(10, 4, 2)
+    restored.load(state, tmp_path)
+    for k in FIELDS:
+        assert torch.equal(restored.data[k], rb.data[k]), k
+    assert (restored.size, restored.ptr, restored.total) == (rb.size, rb.ptr, rb.total) == (10, 3, 13)
+    restored.add_batch(batch(13, 12))               # 25 added: 15..24 live, neither old segment
+    state = restored.save(tmp_path)
+    restored.prune(tmp_path)
+    assert [s[:2] for s in state["segments"]] == [[15, 25]]           # 13, 14 were overwritten unsaved
+    assert [f.name for f in tmp_path.glob("replay_*.pt")] == [state["segments"][0][2]]
+    again = Replay(10, 4, 2)
+    again.load(state, tmp_path)
+    assert sorted(again.data["reward"].tolist()) == list(range(15, 25))
+    with pytest.raises(ValueError, match="algo.buffer_size"):
+        Replay(20, 4, 2).load(state, tmp_path)
+    # a checkpoint from before segments (the filled part inline) resumes, and its next save keeps it all
+    inline = Replay(10, 4, 2)
+    inline.load({"size": rb.size, "ptr": rb.ptr, "data": {k: v.clone() for k, v in rb.data.items()}}, tmp_path)
+    state = inline.save(tmp_path / "inline")
+    assert [s[1] - s[0] for s in state["segments"]] == [10]
+    from_inline = Replay(10, 4, 2)
+    from_inline.load(state, tmp_path / "inline")
+    assert all(torch.equal(from_inline.data[k], rb.data[k]) for k in FIELDS) and from_inline.ptr == rb.ptr
+
+
 class _StubEnv:
     """Scripted episodes: env 0 times out after 3 steps, env 1 succeeds (terminates) at step 2."""
     num_envs = 2
@@ -514,15 +557,19 @@ def test_resfit_resumes_with_its_learner_and_replay(resfit_run, tmp_path):
     run = tmp_path / "moved"
     shutil.copytree(resfit_run, run)
     before = load_checkpoint(run)
-    assert before["env_steps"] == 120 and before["replay"]["size"] > 0
+    assert before["env_steps"] == 120 and before["replay"]["total"] > 0
     assert main(["train", f"resume={run}", "algo.env_steps=200"]) == 0
     after = load_checkpoint(run)
     assert after["env_steps"] == 200 and after["config"]["run_dir"] == str(run)
     learner0, learner1 = before["model"]["learner"], after["model"]["learner"]
     assert learner1["critic_updates"] == learner0["critic_updates"] + 80   # utd 1 from where it was
     assert int(next(iter(learner1["critic_opt"]["state"].values()))["step"]) == learner1["critic_updates"]
-    assert after["replay"]["size"] > before["replay"]["size"]
-    assert torch.equal(after["replay"]["data"]["obs"][:5], before["replay"]["data"]["obs"][:5])
+    # the replay went on: the old segment is kept as it was, one new segment holds what was added
+    segments = after["replay"]["segments"]
+    assert segments[0] == before["replay"]["segments"][0] and len(segments) == 2
+    assert segments[1][:2] == [before["replay"]["total"], after["replay"]["total"]]
+    first = torch.load(run / "checkpoints" / segments[0][2])
+    assert torch.equal(first["obs"], torch.load(resfit_run / "checkpoints" / segments[0][2])["obs"])
     steps = read_csv(run / "metrics.csv")["env_steps"]
     assert steps == sorted(set(steps)) and steps[-1] == 200
     assert load_checkpoint(resfit_run)["env_steps"] == 120   # the original folder was left alone
