@@ -114,13 +114,14 @@ def test_sequence_replay_equals_acting_step_by_step(rnn):
 
 
 TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32]", "algo.critic_hidden=[32,32]",
-        "progress=false", "checkpoint_every=1", "video=false", "algo.rnn=lstm", "algo.rnn_size=16"]
+        "progress=false", "checkpoint_every=1", "video_seconds=1", "algo.rnn=lstm", "algo.rnn_size=16"]
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rnn") / "walk"
     assert main(["train", *TINY, "total_steps=128", f"run_dir={run_dir}"]) == 0
+    assert (run_dir / "rollout.mp4").stat().st_size > 1000   # the video's policy carries its memory too
     assert main(["export", f"run={run_dir}", f"out={run_dir}/policy.pt"]) == 0
     return run_dir / "policy.pt"
 
