@@ -1,6 +1,10 @@
-"""The shipped walking artifact through the robot-side stack — Controller (observation from the
-manifest, safety filter, state machine) driving the MuJoCo twin's firmware — walks."""
+"""The shipped walking artifacts through the robot-side stack — Controller (observation from the
+manifest, safety filter, state machine) driving the MuJoCo twin's firmware — walk: the ECO MLP
+that deploys by default, and the recurrent (GRU) PPO walker, whose memory the controller resets."""
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from real.artifact import load_artifact
 from real.controller import Controller
@@ -10,11 +14,15 @@ from robotrl import WALK_ARTIFACT
 from sim.twin_hardware import TwinHardware
 
 
-def test_shipped_policy_walks_through_the_controller():
+GRU_WALKER = Path(WALK_ARTIFACT).with_name("kid_biped_walk_ppo_gru.pt")
+
+
+@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, GRU_WALKER], ids=["eco_mlp", "ppo_gru"])
+def test_shipped_policy_walks_through_the_controller(artifact):
     spec = load_robot("kid_biped")
     clock = {"t": 0.0}
     twin = TwinHardware(spec, clock=lambda: clock["t"])
-    ctl = Controller(load_artifact(WALK_ARTIFACT), spec, twin, clock=lambda: clock["t"], ramp_s=0.5)
+    ctl = Controller(load_artifact(artifact), spec, twin, clock=lambda: clock["t"], ramp_s=0.5)
     ctl.start()
     ctl.set_velocity_command(0.25, 0.0, 0.0)
     pos, heights = [], []
