@@ -163,7 +163,7 @@ class ActorCritic(nn.Module):
         from robotrl.export import export_artifact
         clip = float(manifest["action"]["clip"])
         n = len(parity_obs)
-        starts = np.zeros(n, dtype=bool) if episode_starts is None else np.asarray(episode_starts, dtype=bool)
+        starts = np.zeros(n, dtype=bool) if episode_starts is None else np.array(episode_starts, dtype=bool)
         starts[:1] = True
         if self.memory is None:
             deploy = MlpDeployPolicy(self, manifest)
@@ -210,12 +210,11 @@ class MlpDeployPolicy(DeployModule):
         self.register_buffer("obs_upper", (norm.mean + norm.clip * std).detach().clone())
         self.actor = copy.deepcopy(policy.actor)
         self.memory = copy.deepcopy(policy.memory)
-        reads_obs = [(self.actor[0].weight, self.actor[0].bias)] if self.memory is None else \
-            [(self.memory.cell.weight_ih, self.memory.cell.bias_ih)]
+        first = self.actor[0] if self.memory is None else self.memory.cell
+        weight, bias = (first.weight, first.bias) if self.memory is None else (first.weight_ih, first.bias_ih)
         with torch.no_grad():
-            for weight, bias in reads_obs:
-                weight.div_(std)
-                bias.sub_(weight @ norm.mean)
+            weight.div_(std)
+            bias.sub_(weight @ norm.mean)
         self.register_buffer("offset", torch.tensor(act["offset"], dtype=torch.float32))
         self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
         self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
