@@ -162,9 +162,8 @@ class ActorCritic(nn.Module):
         `parity_obs` in time order, the memory reset where `episode_starts` is True."""
         from robotrl.export import export_artifact
         clip = float(manifest["action"]["clip"])
-        n = len(parity_obs)
-        starts = np.zeros(n, dtype=bool) if episode_starts is None else np.array(episode_starts, dtype=bool)
-        starts[:1] = True
+        # row 0 always starts from fresh memory (the reference below, and the artifact's first reset)
+        starts = np.zeros(len(parity_obs), dtype=bool) if episode_starts is None else np.asarray(episode_starts, bool)
         if self.memory is None:
             deploy = MlpDeployPolicy(self, manifest)
             policy = {"stateful": False}

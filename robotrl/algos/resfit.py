@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robotrl.checkpoint import save_atomic
 from robotrl.networks import DeployModule
 
 CRITIC_LOSSES = ("mse", "hl_gauss")
@@ -357,7 +358,6 @@ class Replay:
         """Write what is new as one segment in `folder` (atomically); return the checkpoint's state:
         the segments that still hold live transitions, oldest first. Call `prune` after the
         checkpoint that holds this state is written."""
-        from robotrl.checkpoint import save_atomic
         first = max(self.saved, self.total - self.capacity)   # older new rows were overwritten already
         if self.total > first:
             slots = torch.arange(first, self.total) % self.capacity
