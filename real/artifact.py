@@ -1,10 +1,16 @@
 """Loading a policy artifact on the robot computer, and checking it against the robot.
 
-An artifact is one TorchScript file. Its module maps the observation vector to the policy
-action (`forward`), the action to joint targets (`command`), does both in one call (`step`,
-what a control tick runs), and clears any internal state (`reset`). Its manifest (manifest.json
-inside the archive) says how to build the observation, what the action means, and which robot,
-rates and gains it was trained for.
+An artifact is one file: the policy's tick and its manifest (how to build the observation, what
+the action means, and which robot, rates and gains it was trained for). Two formats carry it:
+- TorchScript (any suffix but .onnx; every policy exports to it): the module maps the observation
+  to the policy action (`forward`), the action to joint targets (`command`), does both in one call
+  (`step`, what a control tick runs) and clears any internal state (`reset`); the manifest is
+  manifest.json inside the archive.
+- ONNX (`.onnx`; the MLP and recurrent walkers): the tick as a pure function run by onnxruntime,
+  obs [batch, n] -> action, q_target (+ memory in, memory_out); the manifest is the model's
+  metadata entry `robotrl_manifest`. This runtime keeps the memory between calls.
+Both load into an `Artifact` with the same `step`, `act` and `reset`, so the control loop does
+not know which it runs. An ONNX artifact needs numpy, onnx and onnxruntime only, no torch.
 """
 from __future__ import annotations
 
@@ -15,13 +21,18 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from real.robot_spec import RobotSpec
+
+try:
+    import torch
+except ImportError:   # a robot computer that runs ONNX artifacts only
+    torch = None
 
 FORMAT = "robotrl-artifact"
 FORMAT_VERSION = 2   # v2: the module has `step` (one call per control tick)
 METHODS = ("forward", "command", "step", "reset")
+ONNX_MANIFEST_KEY = "robotrl_manifest"
 
 
 class ArtifactError(RuntimeError):
@@ -32,7 +43,11 @@ class ManifestMismatch(RuntimeError):
     """The artifact was trained for a robot that differs from the one it is asked to drive."""
 
 
-def weights_sha256(module: torch.nn.Module) -> str:
+def artifact_format(path: str | Path) -> str:
+    return "onnx" if Path(path).suffix.lower() == ".onnx" else "torchscript"
+
+
+def weights_sha256(module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -40,13 +55,40 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def onnx_initializers_sha256(model) -> str:
+    """The ONNX graph's constants (weights, folded normaliser, limits), by name."""
+    from onnx import numpy_helper
+    h = hashlib.sha256()
+    for init in sorted(model.graph.initializer, key=lambda t: t.name):
+        h.update(init.name.encode())
+        h.update(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes())
+    return h.hexdigest()
+
+
 class Artifact:
-    def __init__(self, module: torch.jit.ScriptModule, manifest: dict, path: Path):
-        self.module, self.manifest, self.path = module, manifest, path
+    """A loaded policy: `step(obs)` -> (action, joint targets) once per control tick, `act(obs)`
+    -> action, `reset()` at every start (clears a memory or a chunk queue)."""
+
+    def __init__(self, manifest: dict, path: Path):
+        self.manifest, self.path = manifest, path
 
     @property
     def joint_names(self) -> list[str]:
         return self.manifest["action"]["joint_names"]
+
+    def warm_up(self, calls: int = 5) -> None:
+        """The runtimes optimise a graph on its first calls (TorchScript ~0.1 s): make them before
+        a control loop starts, not in its first tick, where the stall would trip the watchdogs."""
+        obs = np.zeros(self.manifest["observation"]["size"], dtype=np.float32)
+        for _ in range(calls):
+            self.step(obs)
+        self.reset()
+
+
+class TorchScriptArtifact(Artifact):
+    def __init__(self, module, manifest: dict, path: Path):
+        super().__init__(manifest, path)
+        self.module = module
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         return self.module(torch.as_tensor(obs, dtype=torch.float32)).numpy()
@@ -62,19 +104,56 @@ class Artifact:
     def reset(self) -> None:
         self.module.reset()
 
-    def warm_up(self, calls: int = 5) -> None:
-        """TorchScript optimises a graph on its first calls (~0.1 s): make them before a control
-        loop starts, not in its first tick, where the stall would trip the watchdogs."""
-        obs = np.zeros(self.manifest["observation"]["size"], dtype=np.float32)
-        for _ in range(calls):
-            self.step(obs)
-        self.reset()
+
+class OnnxArtifact(Artifact):
+    """One robot's policy in onnxruntime; a recurrent one's memory lives here between ticks."""
+
+    def __init__(self, session, manifest: dict, path: Path):
+        super().__init__(manifest, path)
+        self.session = session
+        self.memory_size = int(manifest["onnx"]["memory_size"])
+        self.memory = np.zeros((1, self.memory_size), dtype=np.float32)
+
+    def _run(self, obs: np.ndarray) -> list[np.ndarray]:
+        x = np.asarray(obs, dtype=np.float32)
+        feed = {"obs": x.reshape(1, -1) if x.ndim == 1 else x}
+        if not self.memory_size:
+            return self.session.run(None, feed)
+        if len(feed["obs"]) != 1:
+            raise ValueError(f"{self.path}: a policy with memory runs one robot; obs of shape {x.shape} given")
+        feed["memory"] = self.memory
+        action, q_target, self.memory = self.session.run(None, feed)
+        return [action, q_target]
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = self._run(obs)[0]
+        return action[0] if np.ndim(obs) == 1 else action
+
+    def step(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        action, q_target = self._run(obs)
+        return action[0], q_target[0].astype(np.float64)
+
+    def reset(self) -> None:
+        self.memory = np.zeros_like(self.memory)
 
 
 def load_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}")
+    fmt = artifact_format(path)
+    art = _load_onnx(path) if fmt == "onnx" else _load_torchscript(path)
+    manifest = art.manifest
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: manifest format {manifest.get('format')} v{manifest.get('format_version')}, "
+                            f"this runtime reads {FORMAT} v{FORMAT_VERSION}; re-export it with `robotrl export`")
+    return art
+
+
+def _load_torchscript(path: Path) -> TorchScriptArtifact:
+    if torch is None:
+        raise ArtifactError(f"{path} is a TorchScript artifact and torch is not installed here; install torch "
+                            "or export the policy as ONNX (`robotrl export … format=onnx`)")
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -93,9 +172,6 @@ def load_artifact(path: str | Path) -> Artifact:
     if not extra["manifest.json"]:
         raise ArtifactError(f"{path} has no manifest.json inside: it was not written by `robotrl export`")
     manifest = json.loads(extra["manifest.json"])
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: manifest format {manifest.get('format')} v{manifest.get('format_version')}, "
-                            f"this runtime reads {FORMAT} v{FORMAT_VERSION}; re-export it with `robotrl export`")
     expected = manifest.get("hashes", {}).get("weights_sha256")
     if expected != weights_sha256(module):
         raise ArtifactError(f"{path}: weights do not match the manifest's weights_sha256 (file altered or corrupt)")
@@ -108,7 +184,37 @@ def load_artifact(path: str | Path) -> Artifact:
     module.eval()
     for p in module.parameters():   # ScriptModule has no requires_grad_()
         p.requires_grad_(False)
-    return Artifact(module, manifest, path)
+    return TorchScriptArtifact(module, manifest, path)
+
+
+def _load_onnx(path: Path) -> OnnxArtifact:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise ArtifactError(f"{path} is an ONNX artifact: it needs onnx and onnxruntime "
+                            "(pip install 'robotrl[onnx]')") from None
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:   # protobuf's DecodeError on a truncated file, OSError, …
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); "
+                            "was it truncated or overwritten?") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if ONNX_MANIFEST_KEY not in meta:
+        raise ArtifactError(f"{path} has no '{ONNX_MANIFEST_KEY}' metadata: it was not written by `robotrl export`")
+    manifest = json.loads(meta[ONNX_MANIFEST_KEY])
+    if manifest.get("hashes", {}).get("onnx_initializers_sha256") != onnx_initializers_sha256(model):
+        raise ArtifactError(f"{path}: the graph's constants do not match the manifest's onnx_initializers_sha256 "
+                            "(file altered or corrupt)")
+    options = onnxruntime.SessionOptions()
+    # One robot, one small network: threads add jitter, not speed, and steal the control loop's cores.
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ArtifactError(f"{path}: onnxruntime cannot run it: {str(e).splitlines()[0]}") from None
+    return OnnxArtifact(session, manifest, path)
 
 
 def check_against_robot(manifest: dict, spec: RobotSpec, rtol: float = 1e-6) -> None:

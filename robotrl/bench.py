@@ -173,18 +173,26 @@ class _BareRecurrent(torch.nn.Module):
 
 def bench_infer(artifact: str | None, calls: int) -> dict:
     """Latency of one control tick's policy call (`Artifact.step`: observation → action and joint
-    targets), interleaved in blocks with a baseline: the bare scripted network of the same sizes
-    (an MLP, or a recurrent cell and MLP), the floor for this network on this machine."""
-    from real.artifact import load_artifact
+    targets), interleaved in blocks with its baselines: the same policy in the other file format
+    when a sibling file (.pt ↔ .onnx) is there, and the bare scripted network of the same sizes (an
+    MLP, or a recurrent cell and MLP), the floor for this network in TorchScript on this machine."""
+    from real.artifact import artifact_format, load_artifact
     from robotrl import WALK_ARTIFACT
     from robotrl.networks import MEMORIES, mlp
-    path = artifact or str(WALK_ARTIFACT)
-    art = load_artifact(path)
+    from robotrl.policies import SUFFIXES
+    path = Path(artifact or WALK_ARTIFACT)
     torch.set_num_threads(1)
-    obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
-    variants = {"artifact": lambda: art.step(obs)}
-    weights = [v for k, v in art.module.state_dict().items() if k.startswith("actor.") and k.endswith(".weight")]
-    rnn = art.manifest.get("policy", {}).get("rnn")
+    arts = {artifact_format(path): load_artifact(path)}
+    for fmt, suffix in SUFFIXES.items():
+        if fmt not in arts and path.with_suffix(suffix).is_file():
+            arts[fmt] = load_artifact(path.with_suffix(suffix))
+    main = arts[artifact_format(path)]
+    obs = np.zeros(main.manifest["observation"]["size"], dtype=np.float32)
+    variants = {f"{fmt} artifact": (lambda a=a: a.step(obs)) for fmt, a in arts.items()}
+    scripted = arts.get("torchscript")
+    weights = [] if scripted is None else [v for k, v in scripted.module.state_dict().items()
+                                           if k.startswith("actor.") and k.endswith(".weight")]
+    rnn = main.manifest.get("policy", {}).get("rnn")
     if weights:
         sizes = [weights[0].shape[1], *[w.shape[0] for w in weights]]
         x = torch.as_tensor(obs)
@@ -208,23 +216,28 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
         for _ in range(200):
             fn()
     block = 500
-    for start in range(0, calls, block):   # interleaved, so both see the same machine noise
+    for start in range(0, calls, block):   # interleaved, so all see the same machine noise
         for k, fn in variants.items():
             for i in range(start, min(start + block, calls)):
                 t0 = time.perf_counter_ns()
                 fn()
                 lat[k][i] = (time.perf_counter_ns() - t0) / 1e3
-    a = lat["artifact"]
-    res = {"artifact": path, "calls": calls, "latency_median_us": float(np.median(a)),
-           "latency_p99_us": float(np.percentile(a, 99)), "latency_max_us": float(a.max())}
-    rows = [("median", f"{res['latency_median_us']:.1f} µs", ""),
-            ("p99", f"{res['latency_p99_us']:.1f} µs", "goal ≤ 150 µs"), ("max", f"{res['latency_max_us']:.1f} µs", "")]
+    a = lat[f"{artifact_format(path)} artifact"]
+    res = {"artifact": str(path), "format": artifact_format(path), "calls": calls,
+           "latency_median_us": float(np.median(a)), "latency_p99_us": float(np.percentile(a, 99)),
+           "latency_max_us": float(a.max())}
+    rows = []
+    for fmt in arts:
+        f = lat[f"{fmt} artifact"]
+        res.update({f"{fmt}_latency_median_us": float(np.median(f)), f"{fmt}_latency_p99_us": float(np.percentile(f, 99))})
+        rows.append((f"{fmt} artifact `step`", f"{np.median(f):.1f} µs median",
+                     f"p99 {np.percentile(f, 99):.1f} µs (goal ≤ 150), max {f.max():.0f} µs"))
     if "bare network" in lat:
         b = lat["bare network"]
         res.update(network=f"{rnn} {sizes[0]} + MLP" if rnn else "MLP", bare_network_median_us=float(np.median(b)),
                    bare_network_p99_us=float(np.percentile(b, 99)), artifact_over_bare_median=float(np.median(a) / np.median(b)))
         rows.append((f"bare scripted {res['network']}, same sizes", f"{res['bare_network_median_us']:.1f} µs median",
-                     f"p99 {res['bare_network_p99_us']:.1f} µs; artifact/bare {res['artifact_over_bare_median']:.2f}×"))
+                     f"p99 {res['bare_network_p99_us']:.1f} µs; {res['format']} artifact/bare {res['artifact_over_bare_median']:.2f}×"))
     _table("bench infer (observation → action + joint targets, one tick)", rows)
     return res
 
@@ -255,7 +268,7 @@ def main(argv: list[str]) -> None:
         res = bench_resfit(a.seconds)
     else:
         from robotrl.bench_loop import bench_loop
-        res = bench_loop(a.seconds)
+        res = bench_loop(a.seconds, artifact=a.artifact)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.json.with_suffix(".tmp")

@@ -18,7 +18,8 @@ USAGE = """usage: robotrl <command> [key=value ...]
 
 commands:
   train   robot=… task=… algo=… [hydra overrides]   train a policy; writes a run folder
-  export  run=<run dir> [out=<file>]                 write the TorchScript artifact (+ parity check)
+  export  run=<run dir> [out=<file>] [format=torchscript|onnx]
+                                                     write the artifact (+ parity check); .onnx: ONNX
   eval    artifact=<file> [episodes=N] [out=<json>] [command=[vx,vy,wz]] [task.* overrides]
   compare runs=[dir,…] | train=true [methods=[…]] [budgets=[b1,…]] [steps=N] [out=<dir>] [episodes=N]
                                                      ECO vs baselines: eval table; power, multiplier, trade-off plots
@@ -97,10 +98,10 @@ def cmd_train(args: list[str]) -> Path:
 
 def cmd_export(args: list[str]) -> Path:
     from robotrl.policies import export_run
-    opts, _ = parse_pairs(args, {"run": None, "out": None})
+    opts, _ = parse_pairs(args, {"run": None, "out": None, "format": None})
     if not opts["run"]:
         raise UsageError("export needs run=<run dir or checkpoint>")
-    return export_run(opts["run"], opts["out"])
+    return export_run(opts["run"], opts["out"], opts["format"])
 
 
 def cmd_eval(args: list[str]) -> dict:
@@ -183,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     from real.robot_spec import SpecError
     from robotrl.checkpoint import CheckpointError
     from robotrl.algos.ppo import NonFiniteError
+    from robotrl.export import ExportError
     from omegaconf.errors import OmegaConfBaseException  # config keys and types: the message names the key
     try:
         COMMANDS[cmd](rest)
     except (UsageError, ValueError, SpecError, ArtifactError, ManifestMismatch, CheckpointError,
-            NonFiniteError, FileNotFoundError, OmegaConfBaseException) as e:
+            NonFiniteError, ExportError, FileNotFoundError, OmegaConfBaseException) as e:
         print(f"robotrl {cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

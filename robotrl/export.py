@@ -1,13 +1,17 @@
 """The one exporter: a deploy module + its manifest -> one artifact file, with a parity check.
 
-TorchScript is the format robots load today (real/artifact.py); torch.export/ONNX can sit
-beside it behind the same function. `torch.jit.script` (not trace) is used so that chunk
-queues and denoising loops keep their control flow.
+TorchScript is the format every policy exports to (real/artifact.py loads it); `torch.jit.script`
+(not trace) keeps chunk queues and denoising loops with their control flow. ONNX sits beside it
+behind the same function for policies whose tick is a pure function of the observation and a
+memory tensor (the MLP and recurrent walkers): onnxruntime runs it faster, and in C++ too.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -19,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from real.artifact import FORMAT, FORMAT_VERSION, load_artifact, weights_sha256
+from real.artifact import (FORMAT, FORMAT_VERSION, ONNX_MANIFEST_KEY, artifact_format, load_artifact,
+                           onnx_initializers_sha256, weights_sha256)
 
 
 class ExportError(RuntimeError):
@@ -42,28 +47,26 @@ def config_sha256(config: dict) -> str:
 
 
 def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, parity_obs: np.ndarray,
-                    reference: Callable[[torch.Tensor], torch.Tensor], fmt: str = "torchscript",
-                    atol: float = 1e-5, episode_starts: np.ndarray | None = None) -> dict:
+                    reference: Callable[[torch.Tensor], torch.Tensor], atol: float = 1e-5,
+                    episode_starts: np.ndarray | None = None) -> dict:
     """Write `module` with `manifest` to `path` and prove that the file, loaded back the way the
     robot loads it, reproduces `reference` on `parity_obs` (rows in time order; stateful modules
-    are reset where `episode_starts` is True). Returns the full manifest."""
-    if fmt != "torchscript":
-        raise ExportError(f"unknown export format '{fmt}'; available: torchscript")
+    are reset where `episode_starts` is True). The file's suffix picks the format: TorchScript,
+    or ONNX for `.onnx` (real/artifact.py reads it the same way). Returns the full manifest."""
     path = Path(path)
+    fmt = artifact_format(path)
     module = module.eval()
     with warnings.catch_warnings():  # torch.jit is deprecated upstream; users asked for TorchScript
         warnings.simplefilter("ignore")
-        scripted = torch.jit.script(module)
+        scripted = torch.jit.script(module)   # for ONNX too: both files of a policy carry one weights hash
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
             "hashes": {"weights_sha256": weights_sha256(scripted), **manifest.get("hashes", {})},
             "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)   # the suffix names the format
     os.close(fd)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.save(scripted, tmp, _extra_files={"manifest.json": json.dumps(full, indent=1)})
+        WRITERS[fmt](module, scripted, full, tmp, parity_obs)
         max_err = parity_error(tmp, parity_obs, reference, episode_starts)
         if not max_err <= atol:
             raise ExportError(f"parity check failed: artifact and training policy differ by {max_err:.3g} "
@@ -77,17 +80,60 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
     return full
 
 
+def _write_torchscript(module: torch.nn.Module, scripted, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(scripted, path, _extra_files={"manifest.json": json.dumps(manifest, indent=1)})
+
+
+def _write_onnx(module: torch.nn.Module, scripted, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
+    """The tick as an ONNX graph (obs [batch, n] -> action, q_target; a memory goes in and out as
+    a tensor) with the manifest in the model's metadata, for onnxruntime on the robot."""
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("format onnx needs the onnx extra: pip install 'robotrl[onnx]'") from None
+    try:
+        tick = module.pure_tick()
+    except NotImplementedError as e:
+        raise ExportError(str(e)) from None
+    batch = torch.export.Dim("batch", min=1)
+    obs = torch.as_tensor(np.asarray(parity_obs[:2], dtype=np.float32))   # a batch of 2: 1 would specialise
+    args, names, dynamic = (obs,), ["obs"], {"obs": {0: batch}}
+    outputs = ["action", "q_target"]
+    if tick.memory_size:
+        args += (torch.zeros(len(obs), tick.memory_size),)
+        names.append("memory")
+        dynamic["memory"] = {0: batch}
+        outputs.append("memory_out")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)   # it warns about absent torchvision ops
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(tick, args, input_names=names, output_names=outputs,
+                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
+    model = program.model_proto
+    manifest = {**manifest, "onnx": {"inputs": names, "outputs": outputs, "memory_size": tick.memory_size,
+                                     "opset": int(model.opset_import[0].version),
+                                     "call": "one row per robot: obs [1, size] (float32); a memory starts at zeros "
+                                             "and memory_out is fed back as memory on the next tick"}}
+    manifest["hashes"] = {**manifest["hashes"], "onnx_initializers_sha256": onnx_initializers_sha256(model)}
+    model.metadata_props.add(key=ONNX_MANIFEST_KEY, value=json.dumps(manifest, indent=1))
+    onnx.save(model, path)
+
+
+WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx}
+
+
 @torch.no_grad()
 def parity_error(path: str | Path, obs: np.ndarray, reference: Callable[[torch.Tensor], torch.Tensor],
                  episode_starts: np.ndarray | None = None) -> float:
     art = load_artifact(path)
-    x = torch.as_tensor(obs, dtype=torch.float32)
+    x = np.asarray(obs, dtype=np.float32)
     starts = np.zeros(len(x), dtype=bool) if episode_starts is None else episode_starts
     out = []
     for i in range(len(x)):
         if starts[i] or i == 0:
-            art.module.reset()
-        out.append(art.module(x[i]))
-    got = torch.stack(out)
-    want = reference(x)
-    return float((got - want).abs().max())
+            art.reset()
+        out.append(art.act(x[i]))
+    want = reference(torch.as_tensor(x)).numpy()
+    return float(np.abs(np.stack(out) - want).max())

@@ -190,6 +190,11 @@ class DeployModule(nn.Module):
         action = self.forward(obs)
         return action, self.command(action)
 
+    def pure_tick(self) -> nn.Module:
+        """The tick as a pure function, the form an ONNX graph takes (robotrl/export.py)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps state in control flow that an ONNX graph "
+                                  "cannot carry; export it with format=torchscript")
+
 
 class MlpDeployPolicy(DeployModule):
     """What runs on the robot: `forward` (observation → clipped actor mean), `command` (action →
@@ -231,6 +236,9 @@ class MlpDeployPolicy(DeployModule):
     def reset(self) -> None:
         pass
 
+    def pure_tick(self) -> nn.Module:
+        return PureTick(self)
+
 
 class RecurrentDeployPolicy(MlpDeployPolicy):
     """The same, with the actor's memory: the artifact carries the memory state of one robot
@@ -242,12 +250,34 @@ class RecurrentDeployPolicy(MlpDeployPolicy):
         self.register_buffer("state", policy.initial_state(1))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = torch.clamp(obs, self.obs_lower, self.obs_upper).reshape(1, -1)
-        features, state = self.memory(x, self.state)
+        action, state = self.act_with_memory(obs.reshape(1, -1), self.state)
         self.state.copy_(state)
-        action = torch.clamp(self.actor(features), -self.clip, self.clip)
         return action[0] if obs.dim() == 1 else action
+
+    @torch.jit.export
+    def act_with_memory(self, obs: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """obs [B, obs], memory [B, state] -> (clipped action [B, A], next memory)."""
+        features, state = self.memory(torch.clamp(obs, self.obs_lower, self.obs_upper), state)
+        return torch.clamp(self.actor(features), -self.clip, self.clip), state
 
     @torch.jit.export
     def reset(self) -> None:
         self.state.zero_()
+
+
+class PureTick(nn.Module):
+    """A deploy policy's tick as a pure function, the form an ONNX graph takes:
+    forward(obs [B, obs]) -> (action, q_target), or for a policy with memory
+    forward(obs, memory [B, state]) -> (action, q_target, next memory): the memory goes out and
+    comes back in, and the runtime that holds it zeroes it at every start (real/artifact.py)."""
+
+    def __init__(self, policy: MlpDeployPolicy):
+        super().__init__()
+        self.policy = policy
+        self.memory_size = int(policy.state.shape[-1]) if isinstance(policy, RecurrentDeployPolicy) else 0
+
+    def forward(self, obs: torch.Tensor, memory: torch.Tensor | None = None):
+        if memory is None:
+            return self.policy.step(obs)
+        action, memory = self.policy.act_with_memory(obs, memory)
+        return action, self.policy.command(action), memory

@@ -440,7 +440,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
 
 
 # ---------------------------------------------------------------- export (robotrl export run=…)
-def export_offpolicy(run: str | Path, out: str | Path | None = None) -> Path:
+def export_offpolicy(run: str | Path, path: Path) -> Path:
     """Base (+ residual) as ONE TorchScript artifact with the chunk queue inside, parity
     checked over whole recorded episodes (the queue is reset at each episode start)."""
     from robotrl.algos.bc import BasePolicy
@@ -477,9 +477,7 @@ def export_offpolicy(run: str | Path, out: str | Path | None = None) -> Path:
         raise ValueError(f"{run}: cannot export algo '{algo}' here")
     base.eval()
     actor = actor.eval() if actor is not None else None
-    run_dir = Path(cfg.run_dir)
-    path = Path(out) if out else run_dir / f"{cfg.task.name}_{algo}.pt"
-    manifest = artifact_manifest(task, ckpt["config"], run_dir.name, ckpt["env_steps"])
+    manifest = artifact_manifest(task, ckpt["config"], Path(cfg.run_dir).name, ckpt["env_steps"])
     manifest["policy"] = {**policy_info, "control_hz": task.robot.control_hz, "stateful": True,
                           "reset": "call reset() at every episode start (empties the chunk queue)"}
     deploy = DeployPolicy(base, actor if actor is not None else NoResidual(), manifest)

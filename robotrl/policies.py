@@ -5,6 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from real.artifact import artifact_format
 from robotrl.checkpoint import load_checkpoint
 from robotrl.export import config_sha256
 
@@ -19,13 +20,25 @@ def artifact_manifest(task, config: dict, run: str, env_steps: int) -> dict:
     return m
 
 
-def export_run(run: str | Path, out: str | Path | None = None) -> Path:
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
+
+
+def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None = None) -> Path:
+    """Export a run's policy to `out` (default: <run dir>/<task>_<algo>.pt or .onnx). The format
+    is `fmt` (torchscript or onnx) or, when not given, the suffix of `out`."""
     from robotrl.runner import build
+    if fmt is not None and fmt not in SUFFIXES:
+        raise ValueError(f"unknown export format '{fmt}'; available: {', '.join(SUFFIXES)}")
+    if fmt is not None and out is not None and artifact_format(out) != fmt:
+        raise ValueError(f"out={out} is a {artifact_format(out)} file name but format={fmt}; "
+                         f"give out= a {SUFFIXES[fmt]} name or leave format= out")
     ckpt = load_checkpoint(run)
     cfg = OmegaConf.create(ckpt["config"])
+    run_dir = Path(cfg.run_dir)
+    path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}{SUFFIXES[fmt or 'torchscript']}"
     from robotrl.offpolicy import export_offpolicy, is_offpolicy
     if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
-        return export_offpolicy(run, out)
+        return export_offpolicy(run, path)
     env, algo = build(cfg, num_envs=1)
     # The artifact needs the policy only (normaliser, actor): critic-side parts may differ between
     # versions (ECO's cost critic became a cost head) without stopping an export.
@@ -33,8 +46,6 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm.", "memory."))]
     if policy_missing:
         raise ValueError(f"{run}: the checkpoint lacks policy tensors {policy_missing}")
-    run_dir = Path(cfg.run_dir)
-    path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}.pt"
     manifest = artifact_manifest(env.task, ckpt["config"], run_dir.name, ckpt["env_steps"])
     full = algo.model.export(path, manifest, ckpt["parity_obs"], ckpt.get("parity_starts"))
     print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "

@@ -305,6 +305,13 @@ def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path):
     assert worst < 1e-5 and steps >= 30 and refills == -(-steps // 10)          # a new chunk every 10 steps
 
 
+def test_chunk_queue_policy_refuses_onnx_naming_torchscript(bc_run, tmp_path, capsys):
+    assert main(["export", f"run={bc_run}", f"out={tmp_path}/bc.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "DeployPolicy keeps state in control flow" in err and "format=torchscript" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())   # nothing written, no temporary file left
+
+
 def test_absolute_action_chunk_artifact_commands_the_twins_targets(tmp_path):
     """task.action_type=absolute: demos, BC and the artifact all speak absolute joint targets."""
     from robotrl.offpolicy import load_base

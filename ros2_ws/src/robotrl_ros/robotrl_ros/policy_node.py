@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Twist
 from std_msgs.msg import Header
@@ -36,6 +35,11 @@ from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, WARN, ConfigError, Ro
 from robotrl_ros.messages import CONTROL_QOS
 from robotrl_ros.topic_hardware import TopicHardware
 
+try:
+    import torch
+except ImportError:   # a robot computer that runs ONNX artifacts only
+    torch = None
+
 SAFETY_LEVEL = {Mode.IDLE: OK, Mode.RAMP: OK, Mode.RUNNING: OK, Mode.DAMPING: WARN, Mode.ESTOP: ERROR}
 positive = (lambda v: v > 0, "> 0")
 
@@ -45,7 +49,8 @@ class PolicyNode(RobotNode):
         super().__init__("policy")
         p = self.param
         robot = p("robot", "kid_biped", "robot name under configs/robot/, or a robot YAML path", bool, "non-empty")
-        artifact = p("artifact", "", "path of the exported policy artifact (robotrl export); required",
+        artifact = p("artifact", "", "path of the exported policy artifact (robotrl export: .pt TorchScript, "
+                     ".onnx ONNX); required",
                      bool, "the path of an exported artifact (robotrl export)")
         hardware = p("hardware", "topics", "'topics': state and commands over ROS topics (bridge_node); "
                      "'udp': the firmware protocol straight from this node", lambda v: v in ("topics", "udp"),
@@ -80,7 +85,8 @@ class PolicyNode(RobotNode):
             raise ConfigError(f"control_hz is {control_hz} but robot '{spec.name}' ({spec.source}) runs at "
                               f"{spec.control_hz} Hz")
         art = load_artifact(artifact)
-        torch.set_num_threads(1)  # a small network: threads add jitter, not speed, and steal the cores
+        if torch is not None:   # a small network: threads add jitter, not speed, and steal the cores
+            torch.set_num_threads(1)
         # The tick gives up the GIL inside torch and rclpy; take it back from the executor thread
         # within 0.5 ms instead of Python's default 5 ms.
         sys.setswitchinterval(0.0005)
