@@ -232,6 +232,9 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
         res.update({f"{fmt}_latency_median_us": float(np.median(f)), f"{fmt}_latency_p99_us": float(np.percentile(f, 99))})
         rows.append((f"{fmt} artifact `step`", f"{np.median(f):.1f} µs median",
                      f"p99 {np.percentile(f, 99):.1f} µs (goal ≤ 150), max {f.max():.0f} µs"))
+    if len(arts) == 2:
+        res["onnx_over_torchscript_median"] = res["onnx_latency_median_us"] / res["torchscript_latency_median_us"]
+        rows.append(("onnx / torchscript", f"{res['onnx_over_torchscript_median']:.2f}× median", "same weights, same call"))
     if "bare network" in lat:
         b = lat["bare network"]
         res.update(network=f"{rnn} {sizes[0]} + MLP" if rnn else "MLP", bare_network_median_us=float(np.median(b)),

@@ -1,6 +1,7 @@
 """The shipped walking artifacts through the robot-side stack — Controller (observation from the
 manifest, safety filter, state machine) driving the MuJoCo twin's firmware — walk: the ECO MLP
-that deploys by default, and the recurrent (GRU) PPO walker, whose memory the controller resets."""
+that deploys by default, and the recurrent (GRU) PPO walker, whose memory the controller resets;
+each as TorchScript and as ONNX (onnxruntime, the memory kept by the loaded artifact)."""
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from sim.twin_hardware import TwinHardware
 GRU_WALKER = Path(WALK_ARTIFACT).with_name("kid_biped_walk_ppo_gru.pt")
 
 
-@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, GRU_WALKER], ids=["eco_mlp", "ppo_gru"])
+@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, GRU_WALKER, Path(WALK_ARTIFACT).with_suffix(".onnx"),
+                                      GRU_WALKER.with_suffix(".onnx")], ids=["eco_mlp", "ppo_gru", "eco_mlp_onnx", "ppo_gru_onnx"])
 def test_shipped_policy_walks_through_the_controller(artifact):
     spec = load_robot("kid_biped")
     clock = {"t": 0.0}

@@ -159,3 +159,4 @@ def test_onnx_artifact_evaluates_and_benches_beside_torchscript(pair, tmp_path):
     res = json.loads(bench.read_text())
     assert res["format"] == "onnx" and res["latency_median_us"] == res["onnx_latency_median_us"]
     assert 0 < res["torchscript_latency_median_us"] and 0 < res["bare_network_median_us"]
+    assert res["onnx_over_torchscript_median"] == res["onnx_latency_median_us"] / res["torchscript_latency_median_us"]
