@@ -89,3 +89,7 @@ def _print(out: dict) -> None:
     print("rate  " + "".join(f"{c[1]:>17}" for c in cols))
     for hz, r in out.items():
         print(f"{hz:>4}  " + "".join(f"{(c[2].format(r[c[0]]) if c[0] in r else '-'):>17}" for c in cols))
+    for hz, r in out.items():
+        if r.get("ros_restarts"):
+            print(f"{hz} Hz: the ROS graph was restarted {r['ros_restarts']} time(s): a watchdog stopped a start "
+                  "before the policy ran (the Fast DDS publish stall, docs/benchmarks.md)")

@@ -3,7 +3,7 @@ timed for 2 s at the robot's rate (50 Hz) and stopped cleanly; every figure come
 import math
 
 from robotrl import WALK_ARTIFACT
-from robotrl.bench_ros import ros_floor_stats, ros_loop_stats
+from robotrl.bench_ros import MAX_RESTARTS, ros_floor_stats, ros_loop_stats
 
 
 def test_ros_loop_stats_smoke():
@@ -14,6 +14,7 @@ def test_ros_loop_stats_smoke():
     assert r["ros_latency_p50_us"] <= r["ros_latency_p99_us"] <= r["ros_latency_max_us"], r
     assert math.isfinite(r["ros_mean_period_error"]) and r["ros_overruns"] >= 0, r
     assert r["ros_latency_samples"] >= 0.5 * 2.0 * 50, r   # most states' commands were paired
+    assert 0 <= r["ros_restarts"] <= MAX_RESTARTS, r   # starts stopped by a watchdog are counted, not hidden
 
 
 def test_ros_floor_stats_pairs_every_ping():
