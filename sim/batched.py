@@ -43,6 +43,12 @@ class BatchedSim:
                               sensordata=self.sensordata, skip_checks=True)
         self.state[:] = self.substep_states[:, -1]
 
+    def state_before(self, lag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(qpos, qvel) of each env `lag[i]` physics steps before the end of the last step."""
+        rows = self.substep_states[np.arange(self.num_envs), self.substeps - 1 - lag]
+        nq, nv = self.model.nq, self.model.nv
+        return rows[:, 1:1 + nq], rows[:, 1 + nq:1 + nq + nv]
+
     def set_state(self, i: int, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Put env i at (qpos, qvel); returns its sensor readings at that state."""
         d = self._scratch

@@ -22,12 +22,16 @@ class Randomization:
     kp_scale: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0])        # PD gain error
     kd_scale: list[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0])
     action_delay_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 0])   # physics steps
+    # Sensor latency: each policy step observes the state this many physics steps before the tick,
+    # drawn anew every step (a real loop's state stream is not in step with its control clock).
+    obs_delay_steps: list[int] = dataclasses.field(default_factory=lambda: [0, 0])
     obs_noise: float = 0.0                                                                # scale on sensor noise
     push_interval_s: float = 0.0                                                          # 0: no pushes
     push_velocity: float = 0.0                                                            # m/s added to the base
 
     def __post_init__(self):
-        for name in ("friction", "mass_scale", "motor_strength", "kp_scale", "kd_scale", "action_delay_steps"):
+        for name in ("friction", "mass_scale", "motor_strength", "kp_scale", "kd_scale", "action_delay_steps",
+                     "obs_delay_steps"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 0:
                 raise ValueError(f"randomization.{name} must be [low, high] with 0 <= low <= high, got {list(lo_hi)}")

@@ -183,6 +183,9 @@ class ArmLift:
         # Randomization's "floor" friction and base CoM offset act on the cube, the object that matters here.
         cube_body, cube_geom = m.body("cube").id, m.geom("cube").id
         self.randomizer = Randomizer(cfg.randomization, m, self.act_ids, r.kp, r.kd, r.tau_max, cube_body, cube_geom)
+        if any(cfg.randomization.obs_delay_steps):
+            raise ValueError(f"randomization.obs_delay_steps is not modelled by {cfg.name} (humanoid_walk has it); "
+                             "leave it [0, 0]")
         self.sim = BatchedSim(m, num_envs, self.substeps, nthread)
         self.num_envs = B = num_envs
         self.action = np.zeros((B, n))

@@ -157,6 +157,10 @@ class HumanoidWalk:
         base = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, r.base_body)
         floor = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_GEOM, "floor")
         self.randomizer = Randomizer(cfg.randomization, m, self.act_ids, r.kp, r.kd, r.tau_max, base, floor)
+        if cfg.randomization.obs_delay_steps[1] >= self.substeps:
+            raise ValueError(f"randomization.obs_delay_steps {list(cfg.randomization.obs_delay_steps)}: at most "
+                             f"{self.substeps - 1} (the physics steps in one control step, {r.physics_hz:g} Hz / "
+                             f"{r.control_hz:g} Hz, less one)")
         self.sim = BatchedSim(m, num_envs, self.substeps, nthread)
         self.num_envs = num_envs
         self.init_qpos = self._standing_qpos()
@@ -221,10 +225,12 @@ class HumanoidWalk:
         self.command[ids] = np.stack([u(*c.vx, k), u(*c.vy, k), u(*c.yaw_rate, k)], axis=1)
 
     # ---- observation ----
-    def _robot_state(self, noisy: bool) -> RobotState:
+    def _robot_state(self, noisy: bool, lag: np.ndarray | None = None) -> RobotState:
+        """What the policy sees; `lag` (physics steps, per env): the sensors' latency."""
         sim, r = self.sim, self.robot
-        q, dq = sim.qpos[:, self.qadr], sim.qvel[:, self.dadr]
-        quat, gyro = sim.qpos[:, 3:7], sim.qvel[:, 3:6]   # free-joint angular velocity is in the body frame
+        qpos, qvel = (sim.qpos, sim.qvel) if lag is None else sim.state_before(lag)
+        q, dq = qpos[:, self.qadr], qvel[:, self.dadr]
+        quat, gyro = qpos[:, 3:7], qvel[:, 3:6]   # free-joint angular velocity is in the body frame
         if noisy and self.cfg.randomization.obs_noise > 0:
             k, u = self.cfg.randomization.obs_noise, self.rng.uniform
             q = q + u(-0.01, 0.01, q.shape) * k
@@ -233,8 +239,8 @@ class HumanoidWalk:
         return RobotState(q=q, dq=dq, quat=quat, gyro=gyro, command=self.command, phase=self.phase,
                           last_action=self.action, q_default=r.q_default)
 
-    def _frame(self, noisy: bool = True) -> np.ndarray:
-        return self.layout.frame(self._robot_state(noisy))
+    def _frame(self, noisy: bool = True, lag: np.ndarray | None = None) -> np.ndarray:
+        return self.layout.frame(self._robot_state(noisy, lag))
 
     def observe(self) -> tuple[np.ndarray, np.ndarray]:
         obs = self.history.reshape(self.num_envs, -1)
@@ -272,8 +278,10 @@ class HumanoidWalk:
         reward, terms, gravity, lin_vel = self._reward()
         tilt = np.arccos(np.clip(-gravity[:, 2], -1.0, 1.0))
         terminated = (sim.qpos[:, 2] < c.terminate_height) | (tilt > c.terminate_tilt) | ~np.isfinite(sim.state).all(axis=1)
+        lo, hi = c.randomization.obs_delay_steps
+        lag = self.rng.integers(lo, hi + 1, self.num_envs) if hi > 0 else None
         self.history[:, :-1] = self.history[:, 1:]
-        self.history[:, -1] = self._frame()
+        self.history[:, -1] = self._frame(lag=lag)
         info = {"power_w": power.mean(axis=1), "energy_j": energy, "episode_energy_j": self.episode_energy.copy(),
                 "vel_error": np.linalg.norm(self.command[:, :2] - lin_vel[:, :2], axis=1),
                 "yaw_rate_error": np.abs(self.command[:, 2] - sim.qvel[:, 5]),

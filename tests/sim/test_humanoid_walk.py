@@ -90,6 +90,32 @@ def test_action_delay_holds_previous_target():
     assert np.allclose(ctrl[0, 3:], env.task.robot.q_default + env.task.cfg.action_scale)
 
 
+def test_observation_delay_shows_the_state_some_physics_steps_before_the_tick():
+    """randomization.obs_delay_steps: the policy's newest frame is built from the state `lag`
+    physics steps before the end of the control step (the sensors' latency); the critic's stays
+    current. [0, 0] observes the current state."""
+    def newest_joint_pos(lag):
+        env = make("humanoid_walk", randomization={**NO_DR["randomization"], "obs_delay_steps": [lag, lag]})
+        env.reset(seed=0)
+        obs, _, _, _, info = env.step(np.full(10, 0.5))   # a large step: the joints move within it
+        task = env.unwrapped.task
+        frame = task.layout.frame_size
+        start = sum(task.layout.sizes[:task.layout.terms.index("joint_pos")])
+        k = task.layout.scales[task.layout.terms.index("joint_pos")]
+        seen = obs[-frame:][start:start + 10] / k
+        sub = task.sim.substep_states[0, :, 1:1 + task.model.nq][:, task.qadr] - task.robot.q_default
+        return seen, sub
+    seen, sub = newest_joint_pos(0)
+    np.testing.assert_allclose(seen, sub[-1], atol=1e-5)
+    seen, sub = newest_joint_pos(4)
+    np.testing.assert_allclose(seen, sub[-1 - 4], atol=1e-5)
+    assert np.abs(sub[-1] - sub[-1 - 4]).max() > 1e-3   # the delay is visible
+    with pytest.raises(ValueError, match=r"obs_delay_steps \[0, 10\]: at most 9"):
+        make("humanoid_walk", randomization={"obs_delay_steps": [0, 10]})
+    with pytest.raises(ValueError, match="obs_delay_steps is not modelled by arm_lift"):
+        make("arm_lift", randomization={"obs_delay_steps": [0, 2]})
+
+
 def test_falls_terminate_and_episodes_truncate():
     env = make("humanoid_walk", episode_s=0.5, **NO_DR)
     env.reset(seed=0)
