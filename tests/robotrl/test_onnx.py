@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 
 from real.artifact import ArtifactError, OnnxArtifact, load_artifact
-from real.controller import Controller
-from real.robot_spec import load_robot
-from real.state_machine import Mode
 from robotrl.cli import main
-from sim.twin_hardware import TwinHardware
 
 TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]",
         "progress=false", "checkpoint_every=1", "video=false", "total_steps=128"]
@@ -59,27 +55,11 @@ def test_onnx_artifact_is_the_torchscript_one(pair):
         np.testing.assert_allclose(ox.act(obs), ts.act(obs), atol=1e-5)
 
 
-def test_onnx_memory_is_reset_by_the_controller(pair):
+def test_onnx_memory_is_reset_by_the_controller(pair, drive_controller):
     """Two identical robots driven in turn by ONE loaded ONNX artifact act identically: the second
     controller's start zeroes the memory the first one left behind (where there is one, it matters)."""
     art = load_artifact(pair[1])
-    spec = load_robot("kid_biped")
-
-    def drive(ticks):
-        clock = {"t": 0.0}
-        twin = TwinHardware(spec, clock=lambda: clock["t"])
-        ctl = Controller(art, spec, twin, clock=lambda: clock["t"], ramp_s=0.1)
-        ctl.start()
-        actions = []
-        for _ in range(ticks):
-            ctl.tick()
-            twin.step()
-            clock["t"] += 1.0 / spec.control_hz
-            if ctl.mode is Mode.RUNNING:
-                actions.append(ctl.last_action.copy())
-        return np.array(actions)
-
-    first, second = drive(40), drive(40)
+    first, second = drive_controller(art, 40), drive_controller(art, 40)
     assert len(first) > 20 and np.abs(first).max() > 0
     np.testing.assert_array_equal(first, second)
     o = _observations(art, 1)[0]

@@ -11,13 +11,9 @@ import pytest
 import torch
 
 from real.artifact import load_artifact
-from real.controller import Controller
-from real.robot_spec import load_robot
-from real.state_machine import Mode
 from robotrl.algos.ppo import PPO, PPOConfig
 from robotrl.cli import main
 from robotrl.networks import ActorCritic
-from sim.twin_hardware import TwinHardware
 
 
 class RememberGoal:
@@ -159,26 +155,11 @@ def test_recurrent_artifact_evaluates(artifact, tmp_path):
     assert res["episodes"] == 2 and np.isfinite(res["return_mean"])
 
 
-def test_controller_gives_a_recurrent_artifact_a_fresh_memory_at_every_start(artifact):
+def test_controller_gives_a_recurrent_artifact_a_fresh_memory_at_every_start(artifact, drive_controller):
     """Two identical robots driven in turn by ONE loaded artifact act identically: the second
     controller's start resets the memory the first one left behind."""
-    spec, art = load_robot("kid_biped"), load_artifact(artifact)
-
-    def drive(ticks):
-        clock = {"t": 0.0}
-        twin = TwinHardware(spec, clock=lambda: clock["t"])
-        ctl = Controller(art, spec, twin, clock=lambda: clock["t"], ramp_s=0.1)
-        ctl.start()
-        actions = []
-        for _ in range(ticks):
-            ctl.tick()
-            twin.step()
-            clock["t"] += 1.0 / spec.control_hz
-            if ctl.mode is Mode.RUNNING:
-                actions.append(ctl.last_action.copy())
-        return np.array(actions)
-
-    first, second = drive(40), drive(40)
+    art = load_artifact(artifact)
+    first, second = drive_controller(art, 40), drive_controller(art, 40)
     assert len(first) > 20 and np.abs(first).max() > 0
     np.testing.assert_array_equal(first, second)
 
