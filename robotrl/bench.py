@@ -186,13 +186,13 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
     for fmt, suffix in SUFFIXES.items():
         if fmt not in arts and path.with_suffix(suffix).is_file():
             arts[fmt] = load_artifact(path.with_suffix(suffix))
-    main = arts[artifact_format(path)]
-    obs = np.zeros(main.manifest["observation"]["size"], dtype=np.float32)
+    art = arts[artifact_format(path)]
+    obs = np.zeros(art.manifest["observation"]["size"], dtype=np.float32)
     variants = {f"{fmt} artifact": (lambda a=a: a.step(obs)) for fmt, a in arts.items()}
     scripted = arts.get("torchscript")
     weights = [] if scripted is None else [v for k, v in scripted.module.state_dict().items()
                                            if k.startswith("actor.") and k.endswith(".weight")]
-    rnn = main.manifest.get("policy", {}).get("rnn")
+    rnn = art.manifest.get("policy", {}).get("rnn")
     if weights:
         sizes = [weights[0].shape[1], *[w.shape[0] for w in weights]]
         x = torch.as_tensor(obs)

@@ -66,7 +66,12 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)   # the suffix names the format
     os.close(fd)
     try:
-        WRITERS[fmt](module, scripted, full, tmp, parity_obs)
+        if fmt == "onnx":
+            _write_onnx(module, full, tmp, parity_obs)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(scripted, tmp, _extra_files={"manifest.json": json.dumps(full, indent=1)})
         max_err = parity_error(tmp, parity_obs, reference, episode_starts)
         if not max_err <= atol:
             raise ExportError(f"parity check failed: artifact and training policy differ by {max_err:.3g} "
@@ -80,13 +85,7 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
     return full
 
 
-def _write_torchscript(module: torch.nn.Module, scripted, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(scripted, path, _extra_files={"manifest.json": json.dumps(manifest, indent=1)})
-
-
-def _write_onnx(module: torch.nn.Module, scripted, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
+def _write_onnx(module: torch.nn.Module, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
     """The tick as an ONNX graph (obs [batch, n] -> action, q_target; a memory goes in and out as
     a tensor) with the manifest in the model's metadata, for onnxruntime on the robot."""
     try:
@@ -119,9 +118,6 @@ def _write_onnx(module: torch.nn.Module, scripted, manifest: dict, path: str, pa
     manifest["hashes"] = {**manifest["hashes"], "onnx_initializers_sha256": onnx_initializers_sha256(model)}
     model.metadata_props.add(key=ONNX_MANIFEST_KEY, value=json.dumps(manifest, indent=1))
     onnx.save(model, path)
-
-
-WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx}
 
 
 @torch.no_grad()

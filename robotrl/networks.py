@@ -254,7 +254,6 @@ class RecurrentDeployPolicy(MlpDeployPolicy):
         self.state.copy_(state)
         return action[0] if obs.dim() == 1 else action
 
-    @torch.jit.export
     def act_with_memory(self, obs: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """obs [B, obs], memory [B, state] -> (clipped action [B, A], next memory)."""
         features, state = self.memory(torch.clamp(obs, self.obs_lower, self.obs_upper), state)
