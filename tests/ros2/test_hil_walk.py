@@ -1,12 +1,14 @@
-"""The shipped walking artifact on the real-robot graph (launch/real.launch.yaml: bridge_node +
-policy_node processes) driving the emulated firmware in this process over UDP loopback, for 10 s
-of real time at a commanded 0.25 m/s: it stays upright, tracks the command, and earns the
-task's return within 10 % of the same artifact evaluated in process."""
+"""The shipped walking artifact, as TorchScript and as ONNX, on the real-robot graph
+(launch/real.launch.yaml: bridge_node + policy_node processes) driving the emulated firmware in
+this process over UDP loopback, for 10 s of real time at a commanded 0.25 m/s: it stays upright,
+tracks the command, and earns the task's return within 10 % of the same artifact evaluated in
+process."""
 import dataclasses
 import json
 import threading
 
 import numpy as np
+import pytest
 from geometry_msgs.msg import Twist
 
 from real.artifact import load_artifact
@@ -24,16 +26,17 @@ COMMAND = np.array([0.25, 0.0, 0.0])
 NOMINAL = {f.name: getattr(Randomization(), f.name) for f in dataclasses.fields(Randomization)}
 
 
-def in_process(episodes: int = 4) -> dict:
+def in_process(artifact, episodes: int = 4) -> dict:
     overrides = [f"task.randomization.{k}={json.dumps(v)}" for k, v in NOMINAL.items()]
-    return evaluate_artifact(WALK_ARTIFACT, episodes=episodes, command="[0.25,0,0]", num_envs=episodes,
+    return evaluate_artifact(artifact, episodes=episodes, command="[0.25,0,0]", num_envs=episodes,
                              overrides=[*overrides, f"task.episode_s={SECONDS}"])
 
 
-def test_walks_through_the_deploy_graph_like_in_process(hil):
-    art = load_artifact(WALK_ARTIFACT)
+@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, WALK_ARTIFACT.with_suffix(".onnx")], ids=["torchscript", "onnx"])
+def test_walks_through_the_deploy_graph_like_in_process(hil, artifact):
+    art = load_artifact(artifact)
     fw, probe, port = hil.firmware(gantry_s=RAMP_S)   # hangs until the ramp is done, then stands
-    hil.real_graph(WALK_ARTIFACT, port, fw)
+    hil.real_graph(artifact, port, fw)
     pub = hil.ros.node.create_publisher(Twist, "cmd_vel", 10)
     twist = Twist()
     twist.linear.x = float(COMMAND[0])
@@ -77,7 +80,7 @@ def test_walks_through_the_deploy_graph_like_in_process(hil):
     vel_error = float(np.linalg.norm(COMMAND[:2] - v_body[:, :2], axis=1).mean())
     ret = float(env.task.score(qpos, qvel, actions, phases, COMMAND).sum())
 
-    ref = in_process()
+    ref = in_process(artifact)
     print(f"HIL: return {ret:.2f}, velocity error {vel_error:.3f} m/s, mean vx {v_body[:, 0].mean():.3f} m/s; "
           f"in process: return {ref['return_mean']:.2f} ± {ref['return_std']:.2f}, "
           f"velocity error {ref['vel_tracking_error']:.3f} m/s")
