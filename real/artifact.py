@@ -33,6 +33,8 @@ FORMAT = "robotrl-artifact"
 FORMAT_VERSION = 2   # v2: the module has `step` (one call per control tick)
 METHODS = ("forward", "command", "step", "reset")
 ONNX_MANIFEST_KEY = "robotrl_manifest"
+# An export's default file suffix per format; a file with any suffix but .onnx is read as TorchScript.
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
 
 
 class ArtifactError(RuntimeError):
@@ -44,7 +46,7 @@ class ManifestMismatch(RuntimeError):
 
 
 def artifact_format(path: str | Path) -> str:
-    return "onnx" if Path(path).suffix.lower() == ".onnx" else "torchscript"
+    return "onnx" if Path(path).suffix.lower() == SUFFIXES["onnx"] else "torchscript"
 
 
 def weights_sha256(module) -> str:

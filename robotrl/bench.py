@@ -176,10 +176,9 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
     targets), interleaved in blocks with its baselines: the same policy in the other file format
     when a sibling file (.pt ↔ .onnx) is there, and the bare scripted network of the same sizes (an
     MLP, or a recurrent cell and MLP), the floor for this network in TorchScript on this machine."""
-    from real.artifact import artifact_format, load_artifact
+    from real.artifact import SUFFIXES, artifact_format, load_artifact
     from robotrl import WALK_ARTIFACT
     from robotrl.networks import MEMORIES, mlp
-    from robotrl.policies import SUFFIXES
     path = Path(artifact or WALK_ARTIFACT)
     torch.set_num_threads(1)
     arts = {artifact_format(path): load_artifact(path)}

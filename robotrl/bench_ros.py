@@ -51,15 +51,13 @@ SIM_LAUNCH = REPO / "launch" / "sim.launch.yaml"
 # neighbour's stall must not damp the robot in the middle of the measurement.
 TIMING = {"max_state_age": "0.25", "command_timeout_ms": "250.0", "firmware_watchdog_ms": "400.0"}
 RAMP_S = 1.0   # the ramp to the default pose, in seconds of wall time
+MAX_RESTARTS = 3   # starts stopped by a watchdog before the policy ran, reset and tried again
 
 
 def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-MAX_RESTARTS = 3
 
 
 def _wait(predicate, timeout: float, what: str, log: io.StringIO):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from real.artifact import artifact_format
+from real.artifact import SUFFIXES, artifact_format
 from robotrl.checkpoint import load_checkpoint
 from robotrl.export import config_sha256
 
@@ -18,9 +18,6 @@ def artifact_manifest(task, config: dict, run: str, env_steps: int) -> dict:
     m["training"] = {"run": run, "env_steps": env_steps, "algo": config["algo"]["name"], "seed": config["seed"]}
     m["hashes"] = {"config_sha256": config_sha256(config)}
     return m
-
-
-SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
 
 
 def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None = None) -> Path:

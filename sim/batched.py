@@ -32,8 +32,10 @@ class BatchedSim:
         self.last_ctrl: np.ndarray | None = None                            # what the last step applied
         self.sensordata = np.zeros((num_envs, substeps, model.nsensordata))
         self._scratch = mujoco.MjData(model)
-        self.qpos = self.state[:, 1:1 + model.nq]           # views into the current state
-        self.qvel = self.state[:, 1 + model.nq:1 + model.nq + model.nv]
+        # a state row: time, qpos, qvel, … (mjSTATE_FULLPHYSICS)
+        self._qpos_cols, self._qvel_cols = slice(1, 1 + model.nq), slice(1 + model.nq, 1 + model.nq + model.nv)
+        self.qpos = self.state[:, self._qpos_cols]           # views into the current state
+        self.qvel = self.state[:, self._qvel_cols]
 
     def step(self, ctrl: np.ndarray) -> None:
         """ctrl: (num_envs, substeps, nu). Advances every env by `substeps` physics steps."""
@@ -46,8 +48,7 @@ class BatchedSim:
     def state_before(self, lag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(qpos, qvel) of each env `lag[i]` physics steps before the end of the last step."""
         rows = self.substep_states[np.arange(self.num_envs), self.substeps - 1 - lag]
-        nq, nv = self.model.nq, self.model.nv
-        return rows[:, 1:1 + nq], rows[:, 1 + nq:1 + nq + nv]
+        return rows[:, self._qpos_cols], rows[:, self._qvel_cols]
 
     def set_state(self, i: int, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         """Put env i at (qpos, qvel); returns its sensor readings at that state."""
