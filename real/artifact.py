@@ -6,9 +6,9 @@ the action means, and which robot, rates and gains it was trained for). Two form
   to the policy action (`forward`), the action to joint targets (`command`), does both in one call
   (`step`, what a control tick runs) and clears any internal state (`reset`); the manifest is
   manifest.json inside the archive.
-- ONNX (`.onnx`; the MLP and recurrent walkers): the tick as a pure function run by onnxruntime,
-  obs [batch, n] -> action, q_target (+ memory in, memory_out); the manifest is the model's
-  metadata entry `robotrl_manifest`. This runtime keeps the memory between calls.
+- ONNX (`.onnx`): the tick as a pure function run by onnxruntime, obs [batch, n] -> action,
+  q_target (+ memory in, memory_out: a recurrent state or a chunk queue, zeros after a reset); the
+  manifest is the model's metadata entry `robotrl_manifest`. This runtime keeps the memory between calls.
 Both load into an `Artifact` with the same `step`, `act` and `reset`, so the control loop does
 not know which it runs. An ONNX artifact needs numpy, onnx and onnxruntime only, no torch.
 """
@@ -108,7 +108,7 @@ class TorchScriptArtifact(Artifact):
 
 
 class OnnxArtifact(Artifact):
-    """One robot's policy in onnxruntime; a recurrent one's memory lives here between ticks."""
+    """One robot's policy in onnxruntime; its memory (a recurrent state, a chunk queue) lives here between ticks."""
 
     def __init__(self, session, manifest: dict, path: Path):
         super().__init__(manifest, path)

@@ -2,8 +2,9 @@
 
 TorchScript is the format every policy exports to (real/artifact.py loads it); `torch.jit.script`
 (not trace) keeps chunk queues and denoising loops with their control flow. ONNX sits beside it
-behind the same function for policies whose tick is a pure function of the observation and a
-memory tensor (the MLP and recurrent walkers): onnxruntime runs it faster, and in C++ too.
+behind the same function: the deploy module's `pure_tick()` (a function of the observation and a
+memory tensor that carries a recurrent state or a chunk queue) becomes the graph; onnxruntime runs
+it faster, and in C++ too.
 """
 from __future__ import annotations
 
@@ -105,19 +106,41 @@ def _write_onnx(module: torch.nn.Module, manifest: dict, path: str, parity_obs: 
         names.append("memory")
         dynamic["memory"] = {0: batch}
         outputs.append("memory_out")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)   # it warns about absent torchvision ops
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()), _quiet("torch", "onnxscript"):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(tick, args, input_names=names, output_names=outputs,
-                                    dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        try:
+            program = torch.onnx.export(tick, args, input_names=names, output_names=outputs,
+                                        dynamic_shapes=dynamic, dynamo=True, verbose=False)
+        except Exception as e:   # torch.export's report runs to pages: say its root cause in one line
+            while e.__cause__ is not None:
+                e = e.__cause__
+            raise ExportError(f"{type(module).__name__} could not be exported as ONNX ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}); export it with format=torchscript") from None
+        program.optimize()   # drops constants no node reads, which onnxruntime would warn about at every load
     model = program.model_proto
     manifest = {**manifest, "onnx": {"inputs": names, "outputs": outputs, "memory_size": tick.memory_size,
+                                     "memory_layout": [{"name": n, "size": k} for n, k in tick.memory_layout],
                                      "opset": int(model.opset_import[0].version),
                                      "call": "one row per robot: obs [1, size] (float32); a memory starts at zeros "
                                              "and memory_out is fed back as memory on the next tick"}}
     manifest["hashes"] = {**manifest["hashes"], "onnx_initializers_sha256": onnx_initializers_sha256(model)}
     model.metadata_props.add(key=ONNX_MANIFEST_KEY, value=json.dumps(manifest, indent=1))
     onnx.save(model, path)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Errors only from these loggers for a while: the ONNX exporter's notes (absent torchvision ops,
+    skipped constant folds, graph dumps on a failure) are not the user's to read."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @torch.no_grad()

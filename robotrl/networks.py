@@ -191,9 +191,12 @@ class DeployModule(nn.Module):
         return action, self.command(action)
 
     def pure_tick(self) -> nn.Module:
-        """The tick as a pure function, the form an ONNX graph takes (robotrl/export.py)."""
-        raise NotImplementedError(f"{type(self).__name__} keeps state in control flow that an ONNX graph "
-                                  "cannot carry; export it with format=torchscript")
+        """The tick as a pure function, the form an ONNX graph takes (robotrl/export.py):
+        forward(obs [B, obs]) -> (action, q_target), or with `memory_size` > 0 forward(obs, memory)
+        -> (action, q_target, memory_out), where zeros are the memory that reset() leaves. A deploy
+        module without one exports to TorchScript only."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX form (pure_tick); "
+                                  "export it with format=torchscript")
 
 
 class MlpDeployPolicy(DeployModule):
@@ -274,6 +277,7 @@ class PureTick(nn.Module):
         super().__init__()
         self.policy = policy
         self.memory_size = int(policy.state.shape[-1]) if isinstance(policy, RecurrentDeployPolicy) else 0
+        self.memory_layout = [("rnn_state", self.memory_size)] if self.memory_size else []
 
     def forward(self, obs: torch.Tensor, memory: torch.Tensor | None = None):
         if memory is None:

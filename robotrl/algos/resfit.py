@@ -667,3 +667,49 @@ class DeployPolicy(DeployModule):
     def reset(self) -> None:
         self.base.reset(None)
         self.has_target = False
+
+    def pure_tick(self) -> nn.Module:
+        return ChunkTick(self)
+
+
+class ChunkTick(nn.Module):
+    """DeployPolicy's tick as a pure function, the form an ONNX graph takes: forward(obs [B, obs],
+    memory [B, M]) -> (action, q_target, memory_out). The memory carries what the TorchScript
+    module keeps in buffers, laid out (`memory_layout`) so that all zeros is the state reset()
+    leaves: the chunk queue, how many of its actions are left (0: empty), the previous joint
+    target and whether there is one. The chunk policy runs inside an If node of the graph only on
+    a tick where some queue is empty, as in the TorchScript module."""
+
+    def __init__(self, policy: DeployPolicy):
+        super().__init__()
+        self.policy = policy
+        chunks = policy.base.chunks
+        self.execute, self.n_action, self.n_joint = chunks.execute, int(chunks.queue.shape[2]), int(policy.q_lower.numel())
+        self.memory_layout = [("chunk_queue", self.execute * self.n_action), ("actions_left", 1),
+                              ("joint_target", self.n_joint), ("has_joint_target", 1)]
+        self.memory_size = sum(size for _, size in self.memory_layout)
+
+    def forward(self, obs: torch.Tensor, memory: torch.Tensor):
+        p, E, A, J = self.policy, self.execute, self.n_action, self.n_joint
+        B = obs.shape[0]
+        stored, left, target, has_target = memory.split([E * A, 1, J, 1], dim=1)
+        stored = stored.reshape(B, E, A)
+        obs_n = p.base.norm.obs(obs)
+        empty = left < 0.5
+        fresh = torch.cond(empty.any(), lambda o, q: p.base.chunks.policy(o)[:, :E].contiguous(), lambda o, q: q.clone(),
+                           (obs_n, stored))
+        queue = torch.where(empty[:, :, None], fresh, stored)
+        left = torch.where(empty, torch.full_like(left, E), left)
+        at = (E - left).long()[:, :, None].expand(B, 1, A)   # the queue's next action
+        a_base = torch.clamp(queue.gather(1, at)[:, 0], -1.0, 1.0)
+        a = torch.clamp(a_base + p.residual(obs_n, a_base), -1.0, 1.0)
+        action = torch.clamp(p.base.norm.unaction(a), -p.clip, p.clip)
+        if p.delta:
+            measured = obs[:, p.term_at:p.term_at + J] / p.term_scale + p.q_default
+            previous = measured if p.from_target else torch.where(has_target > 0.5, target, measured)
+            q_target = torch.clamp(previous + p.scale * action, p.q_lower, p.q_upper)
+            target = previous if p.from_target else q_target
+        else:
+            q_target = torch.clamp(p.offset + p.scale * action, p.q_lower, p.q_upper)
+        memory_out = torch.cat([queue.reshape(B, E * A), left - 1.0, target, torch.ones_like(has_target)], dim=1)
+        return action, q_target, memory_out

@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
 from real.artifact import ArtifactError, OnnxArtifact, load_artifact
 from robotrl.cli import main
+from robotrl.export import ExportError, export_artifact
+from robotrl.networks import DeployModule
 
 TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]",
         "progress=false", "checkpoint_every=1", "video=false", "total_steps=128"]
@@ -128,6 +132,45 @@ def test_bad_export_format_is_named(pair, args, needle, capsys):
     assert needle in err and "Traceback" not in err
 
 
+class _Tick(torch.nn.Module):
+    memory_size, memory_layout = 0, []
+
+    def forward(self, obs):
+        if bool(obs.sum() > 0):   # Python control flow on data: no graph can hold it
+            return obs, obs
+        return -obs, obs
+
+
+class _Deploy(DeployModule):
+    def forward(self, obs):
+        return obs
+
+    @torch.jit.export
+    def command(self, action):
+        return action
+
+    @torch.jit.export
+    def reset(self) -> None:
+        pass
+
+
+class _DeployWithUnexportableTick(_Deploy):
+    def pure_tick(self):
+        return _Tick()
+
+
+@pytest.mark.parametrize("module, needle", [(_Deploy(), "_Deploy has no ONNX form (pure_tick)"),
+                                            (_DeployWithUnexportableTick(), "could not be exported as ONNX")])
+def test_deploy_module_without_an_onnx_form_is_refused_naming_torchscript(module, needle, tmp_path, capfd):
+    """One line that says why and what to do instead; torch.export's pages of report stay out of sight."""
+    obs = np.zeros((4, 3), dtype=np.float32)
+    with pytest.raises(ExportError, match="export it with format=torchscript") as e:
+        export_artifact(module, {}, tmp_path / "x.onnx", obs, lambda x: x)
+    assert needle in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300
+    assert capfd.readouterr() == ("", "")
+    assert not list(tmp_path.iterdir())   # nothing written, no temporary file left
+
+
 def test_onnx_artifact_evaluates_and_benches_beside_torchscript(pair, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", f"artifact={pair[1]}", "episodes=2", "num_envs=2", f"out={out}", "task.episode_s=1.0"]) == 0
@@ -140,3 +183,21 @@ def test_onnx_artifact_evaluates_and_benches_beside_torchscript(pair, tmp_path):
     assert res["format"] == "onnx" and res["latency_median_us"] == res["onnx_latency_median_us"]
     assert 0 < res["torchscript_latency_median_us"] and 0 < res["bare_network_median_us"]
     assert res["onnx_over_torchscript_median"] == res["onnx_latency_median_us"] / res["torchscript_latency_median_us"]
+
+
+SHIPPED_ONNX = sorted((ROOT / "docs" / "artifacts").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_ONNX, ids=[p.stem for p in SHIPPED_ONNX])
+def test_shipped_onnx_artifact_is_its_torchscript_sibling(path):
+    """Each shipped .onnx file carries its .pt sibling's weights and answers the same ticks, across
+    a reset (walkers: stateless and GRU; ResFiT: the chunk queue in the memory)."""
+    ts, ox = load_artifact(path.with_suffix(".pt")), load_artifact(path)
+    assert ox.manifest["hashes"]["weights_sha256"] == ts.manifest["hashes"]["weights_sha256"]
+    for i, o in enumerate(_observations(ts, n=30, seed=1) / 5):
+        if i == 17:
+            ts.reset()
+            ox.reset()
+        (a_ts, q_ts), (a_ox, q_ox) = ts.step(o), ox.step(o)
+        np.testing.assert_allclose(a_ox, a_ts, atol=1e-5)
+        np.testing.assert_allclose(q_ox, q_ts, atol=1e-5)

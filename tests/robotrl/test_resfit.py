@@ -294,9 +294,12 @@ def _episode_through_artifact(path, run_base, actor, task_overrides, seed=0, ste
     return worst, refills, t + 1
 
 
-def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path):
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path, suffix):
+    """As TorchScript (the queue in buffers) and as ONNX (the queue in the memory that the runtime
+    feeds back): the same actions and joint targets as the training-time policy, tick by tick."""
     from robotrl.offpolicy import load_base
-    out = tmp_path / "bc.pt"
+    out = tmp_path / f"bc{suffix}"
     assert main(["export", f"run={bc_run}", f"out={out}"]) == 0
     art = load_artifact(out)
     assert art.manifest["policy"]["family"] == "bc_chunk" and art.manifest["policy"]["chunk"] == 10
@@ -305,11 +308,56 @@ def test_bc_export_runs_the_chunk_queue_inside_with_parity(bc_run, tmp_path):
     assert worst < 1e-5 and steps >= 30 and refills == -(-steps // 10)          # a new chunk every 10 steps
 
 
-def test_chunk_queue_policy_refuses_onnx_naming_torchscript(bc_run, tmp_path, capsys):
-    assert main(["export", f"run={bc_run}", f"out={tmp_path}/bc.onnx"]) == 2
-    err = capsys.readouterr().err
-    assert "DeployPolicy keeps state in control flow" in err and "format=torchscript" in err and "Traceback" not in err
-    assert not list(tmp_path.iterdir())   # nothing written, no temporary file left
+def test_onnx_chunk_artifact_runs_the_chunk_policy_only_to_refill(bc_run, tmp_path):
+    """The ONNX graph's memory is the queue (zeros = empty, what reset() leaves) and the chunk
+    network sits in an If branch, taken on the ticks where the queue is empty."""
+    import onnx
+    out = tmp_path / "bc.onnx"
+    assert main(["export", f"run={bc_run}", f"out={out}"]) == 0
+    art = load_artifact(out)
+    layout = art.manifest["onnx"]["memory_layout"]
+    assert [m["name"] for m in layout] == ["chunk_queue", "actions_left", "joint_target", "has_joint_target"]
+    assert layout[0]["size"] == 10 * 8 and art.manifest["onnx"]["memory_size"] == sum(m["size"] for m in layout)
+    graph = onnx.load(str(out)).graph
+    branch = next(n for n in graph.node if n.op_type == "If")
+    assert "Gemm" in {n.op_type for a in branch.attribute for n in a.g.node}
+    assert "Gemm" not in {n.op_type for n in graph.node}   # a BC artifact's only network is the chunk policy
+    obs = np.random.default_rng(0).normal(size=(12, art.manifest["observation"]["size"])).astype(np.float32)
+    lefts = []
+    for o in obs:
+        art.step(o)
+        lefts.append(int(art.memory[0, 80]))
+    assert lefts == [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 9, 8]   # refilled on the first and the eleventh tick
+    art.reset()
+    assert not art.memory.any()
+
+
+def test_onnx_chunk_tick_integrates_targets_without_a_joint_target_term(bc_run, tmp_path):
+    """A delta policy whose observation has no joint_target term starts from the measured joint
+    position and integrates its own targets after that: the pure tick (what the ONNX graph runs)
+    matches the TorchScript module tick by tick, before and after a reset."""
+    from robotrl.algos.resfit import DeployPolicy, NoResidual
+    from robotrl.offpolicy import load_base
+    assert main(["export", f"run={bc_run}", f"out={tmp_path}/bc.pt"]) == 0
+    m = load_artifact(tmp_path / "bc.pt").manifest
+    terms = [{**t, "name": "target_echo"} if t["name"] == "joint_target" else t for t in m["observation"]["terms"]]
+    manifest = {**m, "observation": {**m["observation"], "terms": terms}}
+    base, _, _ = load_base(bc_run)
+    policy = DeployPolicy(base, NoResidual(), manifest).eval()
+    tick = policy.pure_tick()
+    assert not policy.from_target
+    scripted = torch.jit.script(DeployPolicy(base, NoResidual(), manifest).eval())
+    obs = torch.as_tensor(np.random.default_rng(1).normal(size=(25, m["observation"]["size"])), dtype=torch.float32)
+    memory = torch.zeros(1, tick.memory_size)
+    with torch.no_grad():
+        for i, o in enumerate(obs):
+            if i == 13:
+                scripted.reset()
+                memory.zero_()
+            a_ts, q_ts = scripted.step(o)
+            a, q, memory = tick(o[None], memory)
+            torch.testing.assert_close(a[0], a_ts, atol=1e-6, rtol=0)
+            torch.testing.assert_close(q[0], q_ts, atol=1e-6, rtol=0)
 
 
 def test_absolute_action_chunk_artifact_commands_the_twins_targets(tmp_path):
@@ -318,11 +366,13 @@ def test_absolute_action_chunk_artifact_commands_the_twins_targets(tmp_path):
     absolute = "task.action_type=absolute"
     assert main(["demos", "task=arm_lift", "n=2", "seed=3", f"out={tmp_path}/d.npz", "task.episode_s=3.0", absolute]) == 0
     assert main(["train", *TASK, *TINY_BC, f"algo.demos={tmp_path}/d.npz", f"run_dir={tmp_path}/bc", absolute]) == 0
-    assert main(["export", f"run={tmp_path}/bc", f"out={tmp_path}/bc.pt"]) == 0
-    assert load_artifact(tmp_path / "bc.pt").manifest["action"]["type"] == "joint_position"
     base, _, _ = load_base(tmp_path / "bc")
-    worst, _, steps = _episode_through_artifact(tmp_path / "bc.pt", base, None, {"episode_s": 3.0, "action_type": "absolute"})
-    assert worst < 1e-5 and steps >= 30
+    for name in ("bc.pt", "bc.onnx"):
+        assert main(["export", f"run={tmp_path}/bc", f"out={tmp_path}/{name}"]) == 0
+        assert load_artifact(tmp_path / name).manifest["action"]["type"] == "joint_position"
+        worst, _, steps = _episode_through_artifact(tmp_path / name, base, None,
+                                                    {"episode_s": 3.0, "action_type": "absolute"})
+        assert worst < 1e-5 and steps >= 30
 
 
 def test_artifact_in_the_twin_reproduces_the_runs_own_evaluation(bc_run, tmp_path):
@@ -368,8 +418,10 @@ def test_resfit_export_is_one_artifact_base_plus_residual(resfit_run, tmp_path):
     actor = ResidualActor(task.obs_size, task.action_size, c.actor_hidden, c.action_scale, c.layer_norm)
     actor.load_state_dict(ckpt["model"]["learner"]["actor"])
     assert actor.net[-1].weight.abs().max() > 0                                 # the residual has moved off 0
-    worst, _, steps = _episode_through_artifact(out, base, actor, {"episode_s": 3.0}, seed=1)
-    assert worst < 1e-5 and steps >= 30
+    assert main(["export", f"run={resfit_run}", f"out={tmp_path}/resfit.onnx"]) == 0
+    for path in (out, tmp_path / "resfit.onnx"):
+        worst, _, steps = _episode_through_artifact(path, base, actor, {"episode_s": 3.0}, seed=1)
+        assert worst < 1e-5 and steps >= 30
     m = load_artifact(out).manifest
     assert m["policy"]["family"] == "resfit" and m["training"]["algo"] == "resfit"
     # the parity check would catch an artifact whose queue is never reset between episodes
@@ -406,12 +458,13 @@ def test_act_transformer_chunk_policy_exports_with_parity(tmp_path):
     obs = np.random.default_rng(0).normal(size=(23, task.obs_size)).astype(np.float32)
     starts = np.zeros(23, dtype=bool)
     starts[[0, 9]] = True
-    full = export_artifact(DeployPolicy(base, actor, manifest), manifest, tmp_path / "act.pt", obs,
-                           _reference_with_resets(base, actor, starts), episode_starts=starts)
-    assert full["parity_max_abs_error"] < 1e-5
-    art = load_artifact(tmp_path / "act.pt")
-    a = art.act(obs[0])
-    assert a.shape == (8,) and np.all(np.abs(a) <= 1.0)
+    for name in ("act.pt", "act.onnx"):   # ONNX: attention inside the If branch; execute < chunk slices the chunk
+        full = export_artifact(DeployPolicy(base, actor, manifest), manifest, tmp_path / name, obs,
+                               _reference_with_resets(base, actor, starts), episode_starts=starts)
+        assert full["parity_max_abs_error"] < 1e-5
+        art = load_artifact(tmp_path / name)
+        a = art.act(obs[0])
+        assert a.shape == (8,) and np.all(np.abs(a) <= 1.0)
 
 
 def test_hl_gauss_critic_option_learns_a_fixed_target():
