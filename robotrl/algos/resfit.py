@@ -645,23 +645,34 @@ class DeployPolicy(DeployModule):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.unsqueeze(0)
-        a_base = self.base(x)
-        a = torch.clamp(a_base + self.residual(self.base.norm.obs(x), a_base), -1.0, 1.0)
-        action = torch.clamp(self.base.norm.unaction(a)[0], -self.clip, self.clip)
+        action = self.env_action(self.base.norm.obs(x), self.base(x))[0]
         if self.delta and (self.from_target or not self.has_target):
-            n = self.target.shape[0]
-            self.target = obs[self.term_at:self.term_at + n] / self.term_scale + self.q_default
+            self.target = self.measured_target(obs)
             self.has_target = True
         return action
 
     @torch.jit.export
     def command(self, action: torch.Tensor) -> torch.Tensor:
-        if not self.delta:
-            return torch.clamp(self.offset + self.scale * action, self.q_lower, self.q_upper)
-        q = torch.clamp(self.target + self.scale * action, self.q_lower, self.q_upper)
-        if not self.from_target:
+        q = self.joint_targets(self.target, action)
+        if self.delta and not self.from_target:
             self.target = q
         return q
+
+    def env_action(self, obs_n: torch.Tensor, a_base: torch.Tensor) -> torch.Tensor:
+        """Base + residual (normalised) -> the task's action, clipped."""
+        a = torch.clamp(a_base + self.residual(obs_n, a_base), -1.0, 1.0)
+        return torch.clamp(self.base.norm.unaction(a), -self.clip, self.clip)
+
+    def measured_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """The previous joint target as the observation's newest frame reports it."""
+        n = self.q_default.shape[0]
+        return obs[..., self.term_at:self.term_at + n] / self.term_scale + self.q_default
+
+    def joint_targets(self, previous: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Action -> joint position targets within the limits: a step from `previous` for a delta
+        policy, else offset + scale·action."""
+        start = previous if self.delta else self.offset
+        return torch.clamp(start + self.scale * action, self.q_lower, self.q_upper)
 
     @torch.jit.export
     def reset(self) -> None:
@@ -684,7 +695,8 @@ class ChunkTick(nn.Module):
         super().__init__()
         self.policy = policy
         chunks = policy.base.chunks
-        self.execute, self.n_action, self.n_joint = chunks.execute, int(chunks.queue.shape[2]), int(policy.q_lower.numel())
+        self.execute, self.n_action = chunks.execute, int(chunks.queue.shape[2])
+        self.n_joint = int(policy.q_lower.numel())
         self.memory_layout = [("chunk_queue", self.execute * self.n_action), ("actions_left", 1),
                               ("joint_target", self.n_joint), ("has_joint_target", 1)]
         self.memory_size = sum(size for _, size in self.memory_layout)
@@ -696,20 +708,17 @@ class ChunkTick(nn.Module):
         stored = stored.reshape(B, E, A)
         obs_n = p.base.norm.obs(obs)
         empty = left < 0.5
-        fresh = torch.cond(empty.any(), lambda o, q: p.base.chunks.policy(o)[:, :E].contiguous(), lambda o, q: q.clone(),
-                           (obs_n, stored))
+        fresh = torch.cond(empty.any(), lambda o, q: p.base.chunks.policy(o)[:, :E].contiguous(),
+                           lambda o, q: q.clone(), (obs_n, stored))
         queue = torch.where(empty[:, :, None], fresh, stored)
         left = torch.where(empty, torch.full_like(left, E), left)
         at = (E - left).long()[:, :, None].expand(B, 1, A)   # the queue's next action
-        a_base = torch.clamp(queue.gather(1, at)[:, 0], -1.0, 1.0)
-        a = torch.clamp(a_base + p.residual(obs_n, a_base), -1.0, 1.0)
-        action = torch.clamp(p.base.norm.unaction(a), -p.clip, p.clip)
+        action = p.env_action(obs_n, torch.clamp(queue.gather(1, at)[:, 0], -1.0, 1.0))
         if p.delta:
-            measured = obs[:, p.term_at:p.term_at + J] / p.term_scale + p.q_default
-            previous = measured if p.from_target else torch.where(has_target > 0.5, target, measured)
-            q_target = torch.clamp(previous + p.scale * action, p.q_lower, p.q_upper)
-            target = previous if p.from_target else q_target
-        else:
-            q_target = torch.clamp(p.offset + p.scale * action, p.q_lower, p.q_upper)
+            measured = p.measured_target(obs)
+            target = measured if p.from_target else torch.where(has_target > 0.5, target, measured)
+        q_target = p.joint_targets(target, action)
+        if p.delta and not p.from_target:
+            target = q_target
         memory_out = torch.cat([queue.reshape(B, E * A), left - 1.0, target, torch.ones_like(has_target)], dim=1)
         return action, q_target, memory_out
