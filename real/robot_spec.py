@@ -31,6 +31,7 @@ class RobotSpec:
     armature: np.ndarray
     control_hz: float
     physics_hz: float
+    state_hz: float   # how often the firmware reports STATE (not in the manifest: the policy never sees it)
     mjcf: str = ""
     base_body: str = ""
     imu_body: str = ""
@@ -133,6 +134,12 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
     ratio = physics_hz / control_hz
     if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:
         raise SpecError(f"{source}: 'physics_hz' ({physics_hz}) must be a whole multiple of 'control_hz' ({control_hz})")
+    # Motor controllers stream state at their own loop rate, not the policy's: a state stream at
+    # the control rate with an unsynchronised phase makes the newest state up to a period old.
+    state_hz = _num(raw.get("state_hz", physics_hz), "state_hz", source)
+    if not control_hz <= state_hz <= physics_hz or abs(physics_hz / state_hz - round(physics_hz / state_hz)) > 1e-9:
+        raise SpecError(f"{source}: 'state_hz' ({state_hz}) must divide 'physics_hz' ({physics_hz}) and be at least "
+                        f"'control_hz' ({control_hz})")
     quat = raw.get("quaternion_order", "wxyz")
     if quat not in ("wxyz", "xyzw"):
         raise SpecError(f"{source}: 'quaternion_order' must be 'wxyz' or 'xyzw', got {quat!r}")
@@ -146,14 +153,14 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         sign = np.asarray(m.get("signs", [1.0] * len(names)), dtype=np.float64)
         if len(perm) != len(names) or sorted(perm.tolist()) != list(range(len(names))) or sign.shape != (len(names),):
             raise SpecError(f"{source}: 'mirror' must have one entry per joint ({len(names)})")
-    known = {"name", "joints", "control_hz", "physics_hz", "mjcf", "base_body", "imu_body", "foot_bodies",
+    known = {"name", "joints", "control_hz", "physics_hz", "state_hz", "mjcf", "base_body", "imu_body", "foot_bodies",
              "quaternion_order", "mirror"}
     arr = lambda k: np.asarray(cols[k], dtype=np.float64)  # noqa: E731
     return RobotSpec(
         name=str(raw["name"]), joint_names=tuple(names), motor_ids=np.asarray(cols["motor_id"], dtype=np.int64),
         q_lower=arr("lower"), q_upper=arr("upper"), dq_max=arr("velocity"), tau_max=arr("torque"),
         kp=arr("kp"), kd=arr("kd"), q_default=arr("default"), armature=arr("armature"),
-        control_hz=control_hz, physics_hz=physics_hz, mjcf=str(raw.get("mjcf", "")),
+        control_hz=control_hz, physics_hz=physics_hz, state_hz=state_hz, mjcf=str(raw.get("mjcf", "")),
         base_body=str(raw.get("base_body", "")), imu_body=str(raw.get("imu_body", "")),
         foot_bodies=tuple(raw.get("foot_bodies", ())), quaternion_order=quat,
         mirror_perm=perm, mirror_sign=sign, source=source,

@@ -46,7 +46,7 @@ NO_IMU = np.array([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # what a robot without an I
 @dataclasses.dataclass
 class FirmwareConfig:
     watchdog_ms: float = 100.0      # RUNNING with no valid COMMAND for this long -> DAMPING
-    state_hz: float | None = None   # real-time STATE rate; None = the robot's control_hz
+    state_hz: float | None = None   # real-time STATE rate; None = the robot's state_hz
     log_capacity: int = 100_000     # applied commands kept in memory (the oldest are dropped)
     # A floating-base robot is started hanging on a gantry and lowered once it stands: > 0 holds
     # the base at its standing pose until this long after entering RUNNING (set it to the
@@ -239,7 +239,7 @@ class EmulatedFirmware:
         self._rx_timeout_s = config.watchdog_ms / 1000
         self._last_rx_t = 0.0
         self._tx_seq = 0
-        self._state_every = max(1, round(spec.physics_hz / (config.state_hz or spec.control_hz)))
+        self._state_every = max(1, round(spec.physics_hz / (config.state_hz or spec.state_hz)))
         self._max_lag_steps = max(1, round(0.05 * spec.physics_hz))
         self.lag_s = 0.0  # sim time dropped behind wall time because the machine was too slow
         self._lock = threading.Lock()
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer", type=_address, default=("127.0.0.1", 9001),
                    help="host:port of the robot computer, where STATE frames go")
     p.add_argument("--watchdog-ms", type=float, default=FirmwareConfig.watchdog_ms)
-    p.add_argument("--state-hz", type=float, default=None, help="STATE rate (default: the robot's control_hz)")
+    p.add_argument("--state-hz", type=float, default=None, help="STATE rate (default: the robot's state_hz)")
     p.add_argument("--log", default=None, help="save the applied commands to this .npz at exit")
     p.add_argument("--gantry-s", type=float, default=0.0,
                    help="hold a floating base on a gantry until this long after RUNNING (0: no gantry)")

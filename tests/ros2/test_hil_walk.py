@@ -1,6 +1,6 @@
-"""The shipped walking artifact, as TorchScript and as ONNX, on the real-robot graph
-(launch/real.launch.yaml: bridge_node + policy_node processes) driving the emulated firmware in
-this process over UDP loopback, for 10 s of real time at a commanded 0.25 m/s: it stays upright,
+"""The shipped walking artifact, as TorchScript and as ONNX, and the shipped GRU walker, on the
+real-robot graph (launch/real.launch.yaml: bridge_node + policy_node processes) driving the
+emulated firmware (STATE at the robot's state_hz) in this process over UDP loopback, for 10 s of real time at a commanded 0.25 m/s: it stays upright,
 tracks the command, and earns the task's return within 10 % of the same artifact evaluated in
 process."""
 import dataclasses
@@ -32,7 +32,9 @@ def in_process(artifact, episodes: int = 4) -> dict:
                              overrides=[*overrides, f"task.episode_s={SECONDS}"])
 
 
-@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, WALK_ARTIFACT.with_suffix(".onnx")], ids=["torchscript", "onnx"])
+@pytest.mark.parametrize("artifact", [WALK_ARTIFACT, WALK_ARTIFACT.with_suffix(".onnx"),
+                                      WALK_ARTIFACT.with_name("kid_biped_walk_ppo_gru.pt")],
+                         ids=["torchscript", "onnx", "gru"])
 def test_walks_through_the_deploy_graph_like_in_process(hil, artifact):
     art = load_artifact(artifact)
     fw, probe, port = hil.firmware(gantry_s=RAMP_S)   # hangs until the ramp is done, then stands

@@ -86,7 +86,7 @@ def test_standing_in_real_time(rig):
     hw.start(timeout_s=1.0)
     period = 1.0 / SPEC.control_hz
     t0 = time.monotonic()
-    sim0 = fw.sim.time
+    sim0, frames0 = fw.sim.time, hw.stats.frames_ok
     heights, errors = [], []
     for k in range(int(2.0 * SPEC.control_hz)):  # 2 s at the control rate, absolute deadlines
         hw.request_mode(Mode.RUNNING)
@@ -101,6 +101,8 @@ def test_standing_in_real_time(rig):
     assert hw.read().firmware_mode == Mode.RUNNING
     assert fw.sim.time - sim0 == pytest.approx(wall, abs=0.1 + fw.lag_s), "sim time follows wall time"
     assert hw.stats.timeouts == 0 and hw.stats.gaps == 0
+    # STATE streams at the robot's state_hz (250 Hz), not at the policy's 50 Hz
+    assert SPEC.state_hz == 250 and hw.stats.frames_ok - frames0 >= 0.9 * (fw.sim.time - sim0) * SPEC.state_hz
 
 
 def test_watchdog_damps_when_commands_stop(rig):
@@ -250,3 +252,19 @@ def test_gantry_holds_the_base_until_the_ramp_is_done():
     assert z_idle == pytest.approx(z0, abs=1e-9)                 # hanging, exactly
     assert held[0] and not held[-1] and 20 <= sum(held) <= 30     # lowered 0.5 s into RUNNING
     assert z_end > z0 - 0.03                                      # and stands on its own
+
+
+@pytest.mark.parametrize("state_hz, needle", [(30, "'state_hz' (30.0)"), (300, "'state_hz' (300.0)"),
+                                              (1000, "'state_hz' (1000.0)"), ("fast", "'state_hz' must be a number")])
+def test_a_state_rate_the_firmware_cannot_stream_is_refused_by_name(state_hz, needle):
+    """STATE comes every k-th physics step: its rate must divide physics_hz and be at least the
+    control rate; the robot file's error says which key and why. Without the key: physics_hz."""
+    import yaml
+    from real.robot_spec import SpecError, spec_from_dict
+    with open(SPEC.source) as f:
+        raw = yaml.safe_load(f)
+    with pytest.raises(SpecError, match="kid_biped.yaml") as e:
+        spec_from_dict({**raw, "state_hz": state_hz}, SPEC.source)
+    assert needle in str(e.value)
+    del raw["state_hz"]
+    assert spec_from_dict(raw).state_hz == SPEC.physics_hz

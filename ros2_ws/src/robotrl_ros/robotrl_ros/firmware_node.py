@@ -30,7 +30,7 @@ class FirmwareNode(RobotNode):
         config = FirmwareConfig(
             watchdog_ms=p("watchdog_ms", FirmwareConfig.watchdog_ms, "RUNNING with no valid COMMAND for this "
                           "long: DAMPING", lambda v: v > 0, "> 0"),
-            state_hz=p("state_hz", 0.0, "STATE rate in Hz; 0: the robot's control rate", lambda v: v >= 0,
+            state_hz=p("state_hz", 0.0, "STATE rate in Hz; 0: the robot's state_hz", lambda v: v >= 0,
                        ">= 0") or None,
             gantry_s=p("gantry_s", 0.0, "hold a floating base on a gantry until this long after RUNNING is "
                        "entered (the controller's ramp time); 0: no gantry", lambda v: v >= 0, ">= 0"))
