@@ -153,8 +153,8 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         sign = np.asarray(m.get("signs", [1.0] * len(names)), dtype=np.float64)
         if len(perm) != len(names) or sorted(perm.tolist()) != list(range(len(names))) or sign.shape != (len(names),):
             raise SpecError(f"{source}: 'mirror' must have one entry per joint ({len(names)})")
-    known = {"name", "joints", "control_hz", "physics_hz", "state_hz", "mjcf", "base_body", "imu_body", "foot_bodies",
-             "quaternion_order", "mirror"}
+    known = {"name", "joints", "control_hz", "physics_hz", "state_hz", "mjcf", "base_body", "imu_body",
+             "foot_bodies", "quaternion_order", "mirror"}
     arr = lambda k: np.asarray(cols[k], dtype=np.float64)  # noqa: E731
     return RobotSpec(
         name=str(raw["name"]), joint_names=tuple(names), motor_ids=np.asarray(cols["motor_id"], dtype=np.int64),
