@@ -87,20 +87,27 @@ class Artifact:
         self.reset()
 
 
+def _float32_tensor(x) -> "torch.Tensor":
+    """The array as a float32 tensor sharing its memory where it can. `torch.as_tensor(x,
+    dtype=float32)` gives the same tensor but makes the scripted call after it ~10 µs slower (bench
+    infer, 2026-11-23: tick median 77 → 67 µs, p99 164 → 149 µs), a seventh of the tick."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
 class TorchScriptArtifact(Artifact):
     def __init__(self, module, manifest: dict, path: Path):
         super().__init__(manifest, path)
         self.module = module
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.module(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+        return self.module(_float32_tensor(obs)).numpy()
 
     def command(self, action: np.ndarray) -> np.ndarray:
-        return self.module.command(torch.as_tensor(action, dtype=torch.float32)).numpy().astype(np.float64)
+        return self.module.command(_float32_tensor(action)).numpy().astype(np.float64)
 
     def step(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One control tick: (policy action, joint position targets), in one scripted call."""
-        action, q_target = self.module.step(torch.as_tensor(obs, dtype=torch.float32))
+        action, q_target = self.module.step(_float32_tensor(obs))
         return action.numpy(), q_target.numpy().astype(np.float64)
 
     def reset(self) -> None:
