@@ -9,6 +9,11 @@ Joint order: every per-joint array here, and every per-motor array on the wire, 
 robot YAML's joint order (``spec.joint_names``), which is also the policy's action order. The
 YAML's ``motor_id`` is the firmware's own bus address for each joint; it never reorders the
 frame, so nothing above the firmware has to permute anything.
+
+Frames: the wire carries the motors' frame, everything here the joints'. A motor mounted against
+its joint (``direction: -1``) or whose encoder reads ``zero_offset`` at the joint's zero is
+converted by ``HardwareState.from_msg`` and ``JointCommand.to_msg`` from the robot YAML, and
+nowhere else (the firmware side: sim/emulated_firmware.py).
 """
 from __future__ import annotations
 
@@ -50,8 +55,10 @@ class HardwareState:
     last_command_seq: int    # seq of the last COMMAND the firmware applied
 
     @classmethod
-    def from_msg(cls, msg: StateMsg, stamp_s: float) -> HardwareState:
-        return cls(q=_vec(msg.position), dq=_vec(msg.velocity), tau=_vec(msg.torque),
+    def from_msg(cls, msg: StateMsg, stamp_s: float, spec: RobotSpec) -> HardwareState:
+        """A STATE frame (the motors' frame) in the joints' frame."""
+        sign = spec.motor_direction
+        return cls(q=spec.joint_position(_vec(msg.position)), dq=sign * _vec(msg.velocity), tau=sign * _vec(msg.torque),
                    temperature=_vec(msg.temperature), quat_wxyz=_vec(msg.quat_wxyz),
                    gyro=_vec(msg.gyro), accel=_vec(msg.accel), stamp_s=stamp_s,
                    firmware_mode=int(msg.mode), last_command_seq=int(msg.last_command_seq))
@@ -71,8 +78,9 @@ class JointCommand:
         n = self.q_target.shape[0]
         self.kp, self.kd, self.tau_ff = _vec(self.kp, n), _vec(self.kd, n), _vec(self.tau_ff, n)
 
-    def to_msg(self) -> CommandMsg:
-        return CommandMsg(self.q_target, self.kp, self.kd, self.tau_ff)
+    def to_msg(self, spec: RobotSpec) -> CommandMsg:
+        """A COMMAND frame in the motors' frame (gains are the same in both)."""
+        return CommandMsg(spec.motor_position(self.q_target), self.kp, self.kd, spec.motor_direction * self.tau_ff)
 
 
 def check_joint_count(spec: RobotSpec, cmd: JointCommand) -> None:
@@ -147,12 +155,12 @@ class FirmwareHardware(HardwareInterface):
             if n != self.spec.n_joints:
                 raise HardwareError(f"firmware reports {n} motors, robot '{self.spec.name}' has "
                                     f"{self.spec.n_joints} joints ({', '.join(self.spec.joint_names)})")
-            self._state = HardwareState.from_msg(msg, self._clock())
+            self._state = HardwareState.from_msg(msg, self._clock(), self.spec)
         return self._state
 
     def write(self, cmd: JointCommand) -> None:
         check_joint_count(self.spec, cmd)
-        self.last_sent_seq = self.link.send(cmd.to_msg())
+        self.last_sent_seq = self.link.send(cmd.to_msg(self.spec))
 
     def request_mode(self, mode: int) -> None:
         self.link.send(ModeRequestMsg(mode))

@@ -29,6 +29,10 @@ class RobotSpec:
     kd: np.ndarray
     q_default: np.ndarray
     armature: np.ndarray
+    # The motors' own frame (firmware side): motor = direction·joint + zero_offset for positions,
+    # direction·joint for velocities and torques (direction ±1). Wiring, not in the manifest.
+    motor_direction: np.ndarray
+    motor_zero_offset: np.ndarray
     control_hz: float
     physics_hz: float
     state_hz: float   # how often the firmware reports STATE (not in the manifest: the policy never sees it)
@@ -49,6 +53,14 @@ class RobotSpec:
     @property
     def decimation(self) -> int:
         return int(round(self.physics_hz / self.control_hz))
+
+    def motor_position(self, q: np.ndarray) -> np.ndarray:
+        """Joint angles (rad) as the motors read them."""
+        return self.motor_direction * q + self.motor_zero_offset
+
+    def joint_position(self, q_motor: np.ndarray) -> np.ndarray:
+        """Motor readings (rad) as joint angles."""
+        return self.motor_direction * (q_motor - self.motor_zero_offset)
 
     def facts(self) -> dict:
         """The robot facts that travel inside an artifact's manifest (JSON-friendly)."""
@@ -98,7 +110,7 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
     joints = raw["joints"]
     if not isinstance(joints, list) or not joints:
         raise SpecError(f"{source}: 'joints' must be a non-empty list")
-    cols: dict[str, list] = {k: [] for k in JOINT_KEYS + ("armature",)}
+    cols: dict[str, list] = {k: [] for k in JOINT_KEYS + ("armature", "direction", "zero_offset")}
     for i, j in enumerate(joints):
         where = f"{source}: joints[{i}]"
         if not isinstance(j, dict):
@@ -110,8 +122,12 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         cols["motor_id"].append(int(j["motor_id"]))
         for key in JOINT_KEYS[2:]:
             cols[key].append(_num(j[key], key, f"{where} ({j['name']})"))
-        cols["armature"].append(_num(j.get("armature", 0.0), "armature", where))
         name = j["name"]
+        for key, default in (("armature", 0.0), ("direction", 1), ("zero_offset", 0.0)):
+            cols[key].append(_num(j.get(key, default), key, f"{where} ({name})"))
+        if cols["direction"][-1] not in (1.0, -1.0):
+            raise SpecError(f"{where} ({name}): 'direction' must be 1 or -1 (the motor turns with or against "
+                            f"the joint), got {j['direction']!r}")
         if cols["lower"][-1] >= cols["upper"][-1]:
             raise SpecError(f"{where} ({name}): 'lower' {j['lower']} must be below 'upper' {j['upper']}")
         if not cols["lower"][-1] <= cols["default"][-1] <= cols["upper"][-1]:
@@ -160,6 +176,7 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         name=str(raw["name"]), joint_names=tuple(names), motor_ids=np.asarray(cols["motor_id"], dtype=np.int64),
         q_lower=arr("lower"), q_upper=arr("upper"), dq_max=arr("velocity"), tau_max=arr("torque"),
         kp=arr("kp"), kd=arr("kd"), q_default=arr("default"), armature=arr("armature"),
+        motor_direction=arr("direction"), motor_zero_offset=arr("zero_offset"),
         control_hz=control_hz, physics_hz=physics_hz, state_hz=state_hz, mjcf=str(raw.get("mjcf", "")),
         base_body=str(raw.get("base_body", "")), imu_body=str(raw.get("imu_body", "")),
         foot_bodies=tuple(raw.get("foot_bodies", ())), quaternion_order=quat,

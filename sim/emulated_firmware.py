@@ -15,7 +15,11 @@ kp = 0, kd = the spec's kd, no feed-forward; COMMANDs received then are ignored.
 for RUNNING enters RUNNING, which stays passive until the first COMMAND after entering it (an
 old target is never resumed). In RUNNING, no valid COMMAND for ``watchdog_ms`` -> DAMPING.
 ESTOP is latched until the firmware restarts. A valid COMMAND has the spec's motor count, finite
-values and non-negative gains; its values are applied (and logged) exactly as received.
+values and non-negative gains; its values are applied exactly as received.
+
+Frames: COMMAND and STATE carry the motors' frame (robot YAML: motor = direction·joint +
+zero_offset); the twin and the applied-command log are in the joints' frame, so the log compares
+with the YAML's joint limits directly.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ class FirmwareConfig:
 
 
 class AppliedCommand(NamedTuple):
+    """One COMMAND the motors applied, in the joints' frame."""
     t: float             # firmware (sim) time at which it took effect, s
     seq: int
     q_target: np.ndarray
@@ -142,11 +147,11 @@ class SimulatedFirmware:
             return
         if self.mode != Mode.RUNNING:
             return  # motors are passive outside RUNNING
-        self._output(msg.position, msg.kp, msg.kd, msg.torque_ff)
+        q_target, tau_ff = self.spec.joint_position(msg.position), self.spec.motor_direction * msg.torque_ff
+        self._output(q_target, msg.kp, msg.kd, tau_ff)
         self._last_command_t = self.time
         self.last_command_seq = seq
-        self._log.append(AppliedCommand(self.time, seq, msg.position.copy(), msg.kp.copy(),
-                                        msg.kd.copy(), msg.torque_ff.copy()))
+        self._log.append(AppliedCommand(self.time, seq, q_target, msg.kp.copy(), msg.kd.copy(), tau_ff))
 
     def request_mode(self, mode: Mode) -> None:
         mode = Mode(mode)
@@ -190,11 +195,13 @@ class SimulatedFirmware:
     # ---- outputs ----
     def state(self) -> StateMsg:
         """What the firmware measured at the start of its last PD tick, and the torque it output
-        then (MuJoCo evaluates sensors before integrating, so this is one consistent snapshot)."""
-        n = self.spec.n_joints
+        then (MuJoCo evaluates sensors before integrating, so this is one consistent snapshot),
+        in the motors' frame."""
+        n, sign = self.spec.n_joints, self.spec.motor_direction
         s = self.data.sensordata
         imu = s[2 * n:2 * n + 10] if self.spec.imu_body else NO_IMU
-        return StateMsg(position=s[:n], velocity=s[n:2 * n], torque=self.data.actuator_force[self._aids],
+        return StateMsg(position=self.spec.motor_position(s[:n]), velocity=sign * s[n:2 * n],
+                        torque=sign * self.data.actuator_force[self._aids],
                         temperature=self.temperature, quat_wxyz=imu[:4], gyro=imu[4:7], accel=imu[7:10],
                         mode=self.mode, last_command_seq=self.last_command_seq,
                         timestamp_us=round(self.time * 1e6))

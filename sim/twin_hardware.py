@@ -2,7 +2,7 @@
 
 It runs the very firmware behaviour the emulated firmware runs (sim.emulated_firmware.
 SimulatedFirmware: modes, watchdog, PD + feed-forward at the physics rate, torque limits,
-float32 values as on the wire), without sockets.
+float32 values in the motors' frame as on the wire), without sockets.
 
 Time: the caller owns it. ``step()`` advances one control period of physics and makes a new
 state readable; ``read``/``write``/``request_mode`` never advance time, exactly as on the robot,
@@ -30,14 +30,14 @@ class TwinHardware(HardwareInterface):
         self.sim = SimulatedFirmware(spec, config)  # ground truth: .base_state(), .applied_commands()
         self._clock = clock
         self._seq = 0
-        self._state = HardwareState.from_msg(self.sim.state(), clock())
+        self._state = HardwareState.from_msg(self.sim.state(), clock(), spec)
 
     def read(self) -> HardwareState:
         return self._state
 
     def write(self, cmd: JointCommand) -> None:
         check_joint_count(self.spec, cmd)
-        self.sim.handle_command(cmd.to_msg(), self._seq)
+        self.sim.handle_command(cmd.to_msg(self.spec), self._seq)
         self._seq = (self._seq + 1) & SEQ_MASK
 
     def request_mode(self, mode: int) -> None:
@@ -47,7 +47,7 @@ class TwinHardware(HardwareInterface):
         """One control period of physics; returns the new state (also what read() returns)."""
         for _ in range(self.spec.decimation):
             self.sim.step()
-        self._state = HardwareState.from_msg(self.sim.state(), self._clock())
+        self._state = HardwareState.from_msg(self.sim.state(), self._clock(), self.spec)
         return self._state
 
     def close(self) -> None:

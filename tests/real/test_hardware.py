@@ -16,6 +16,9 @@ from real.safety import Command
 
 SPEC = load_robot("kid_biped")
 N = SPEC.n_joints
+# kid_biped's wiring (its YAML): the right leg's pitch motors (hip_pitch_r, knee_r, ankle_r) turn
+# against their joints, so the wire carries their angles, velocities and torques negated.
+MOTOR_SIGN = np.array([1, 1, 1, 1, 1, 1, 1, -1, -1, -1])
 
 
 def state(i, n=N, mode=Mode.RUNNING):
@@ -65,7 +68,10 @@ def test_state_and_command_round_trip(pair):
     s = hw.start(timeout_s=1.0)
     assert before <= s.stamp_s <= time.monotonic()
     assert s.q.dtype == np.float64 and s.q.shape == (N,)
-    np.testing.assert_allclose(s.q, 0.3, rtol=1e-6)
+    np.testing.assert_allclose(s.q, 0.3 * MOTOR_SIGN, rtol=1e-6)
+    np.testing.assert_allclose(s.dq, -0.5 * MOTOR_SIGN, rtol=1e-6)
+    np.testing.assert_allclose(s.tau, 2.0 * MOTOR_SIGN, rtol=1e-6)
+    np.testing.assert_allclose(s.temperature, 31.0)
     np.testing.assert_allclose(s.gyro, [0.1, 0.2, 0.3], rtol=1e-6)
     assert (s.firmware_mode, s.last_command_seq) == (Mode.RUNNING, 3)
     assert hw.read() is s, "no newer state: the same one again, its stamp tells its age"
@@ -76,9 +82,50 @@ def test_state_and_command_round_trip(pair):
     (seq0, mode_req), (seq1, sent) = fw.receive()
     assert isinstance(mode_req, ModeRequestMsg) and mode_req.mode == Mode.RUNNING
     assert isinstance(sent, CommandMsg) and seq1 == seq0 + 1 == hw.last_sent_seq
-    for got, want in zip((sent.position, sent.kp, sent.kd, sent.torque_ff), (cmd.q_target, cmd.kp, cmd.kd, cmd.tau_ff)):
+    for got, want in zip((sent.position, sent.kp, sent.kd, sent.torque_ff),
+                         (MOTOR_SIGN * cmd.q_target, cmd.kp, cmd.kd, MOTOR_SIGN * cmd.tau_ff)):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert hw.stats.frames_ok == 1 and not hw.stale
+
+
+def test_motor_zero_offsets_and_directions_are_undone_on_the_robot_side(tmp_path):
+    """A joint whose encoder reads zero_offset at the joint's zero, mounted either way: the wire
+    carries direction·q + zero_offset; the robot side reads and writes joint angles."""
+    import yaml
+    raw = yaml.safe_load(open(SPEC.source))
+    for j, (direction, offset) in zip(raw["joints"], [(1, 0.5), (-1, -1.25)] + [(1, 0.0)] * (N - 2)):
+        j.update(direction=direction, zero_offset=offset)
+    (tmp_path / "wired.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_robot(tmp_path / "wired.yaml")
+    fw = FakeFirmware()
+    with FirmwareHardware.udp(spec, fw.transport.address, ("127.0.0.1", 0)) as hw:
+        fw.transport.peer = hw.link.transport.address
+        motor = state(3)   # every motor reads 0.3 rad, -0.5 rad/s, 2 N·m
+        fw.send(motor)
+        s = hw.start()
+        np.testing.assert_allclose(s.q[:3], [0.3 - 0.5, -(0.3 + 1.25), 0.3], rtol=1e-6)
+        np.testing.assert_allclose(s.dq[:3], [-0.5, 0.5, -0.5], rtol=1e-6)
+        np.testing.assert_allclose(s.tau[:3], [2.0, -2.0, 2.0], rtol=1e-6)
+        q = np.full(N, 0.1)
+        hw.write(JointCommand(q, SPEC.kp, SPEC.kd, np.full(N, 0.25)))
+        (_, sent), = fw.receive()
+        np.testing.assert_allclose(sent.position[:3], [0.1 + 0.5, -0.1 - 1.25, 0.1], rtol=1e-6)
+        np.testing.assert_allclose(sent.torque_ff[:3], [0.25, -0.25, 0.25], rtol=1e-6)
+        np.testing.assert_allclose(sent.kp, SPEC.kp, rtol=1e-6)
+    fw.transport.close()
+
+
+@pytest.mark.parametrize("key, value, needle", [("direction", 0.5, "'direction' must be 1 or -1"),
+                                                ("direction", 0, "'direction' must be 1 or -1"),
+                                                ("zero_offset", "calibrate me", "'zero_offset' must be a number")])
+def test_a_bad_motor_frame_is_refused_naming_the_joint_and_key(key, value, needle):
+    import yaml
+    from real.robot_spec import SpecError, spec_from_dict
+    raw = yaml.safe_load(open(SPEC.source))
+    raw["joints"][3][key] = value
+    with pytest.raises(SpecError, match=r"joints\[3\] \(knee_l\)") as e:
+        spec_from_dict(raw, SPEC.source)
+    assert needle in str(e.value) and "kid_biped.yaml" in str(e.value)
 
 
 def test_read_returns_the_newest_of_queued_states(pair):

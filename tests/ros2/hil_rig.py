@@ -69,8 +69,8 @@ class FirmwareProbe:
         handle, step = sim.handle_command, sim.step
 
         def probed_handle(msg, seq):
-            s = sim.state()
-            self.measured[seq] = (s.position.astype(np.float64), s.velocity.astype(np.float64))
+            n = sim.spec.n_joints   # the twin's own joint sensors: joint angles, as the log holds them
+            self.measured[seq] = (sim.data.sensordata[:n].copy(), sim.data.sensordata[n:2 * n].copy())
             self.base[seq] = (sim.data.qpos.copy(), sim.data.qvel.copy())   # full twin state, for scoring
             handle(msg, seq)
 

@@ -77,7 +77,29 @@ def test_feed_forward_is_clipped_at_the_torque_limit(rig):
     limp = JointCommand(SPEC.q_default, np.zeros(N), np.zeros(N), np.full(N, 50.0))
     s = run_lockstep(fw, hw, limp, 3)[-1]
     np.testing.assert_allclose(np.abs(s.tau), SPEC.tau_max, rtol=1e-6)
-    np.testing.assert_array_equal(fw.applied_commands()[-1].tau_ff, 50.0)  # logged as received
+    np.testing.assert_array_equal(fw.applied_commands()[-1].tau_ff, 50.0)  # logged as sent, in the joints' frame
+
+
+def test_frames_carry_the_motors_frame_and_the_twin_the_joints():
+    """kid_biped's right-leg pitch motors turn against their joints (its YAML): on the wire their
+    angles, velocities, torques and targets are negated; the twin and the log are in joint angles."""
+    from sim.emulated_firmware import SimulatedFirmware
+    sign = np.array([1, 1, 1, 1, 1, 1, 1, -1, -1, -1])
+    fw = SimulatedFirmware(SPEC)
+    fw.request_mode(Mode.RUNNING)
+    q_motor = (sign * SPEC.q_default).astype(np.float32)
+    fw.handle_command(CommandMsg(q_motor, SPEC.kp, SPEC.kd, (sign * 0.2).astype(np.float32)), seq=1)
+    for _ in range(20):
+        fw.step()
+    applied = fw.applied_commands()[-1]
+    np.testing.assert_allclose(applied.q_target, SPEC.q_default, atol=1e-6)
+    np.testing.assert_allclose(applied.tau_ff, 0.2, atol=1e-6)
+    np.testing.assert_allclose(fw.data.ctrl[:N], SPEC.q_default, atol=1e-6)   # the twin's actuators: joint angles
+    state = fw.state()
+    q_joint, dq_joint = fw.data.sensordata[:N], fw.data.sensordata[N:2 * N]
+    for wire, joint in ((state.position, q_joint), (state.velocity, dq_joint), (state.torque, fw.data.actuator_force[:N])):
+        np.testing.assert_allclose(wire, sign * joint, rtol=1e-6, atol=1e-7)   # float32 on the wire
+    assert (q_joint[[8, 3]] > 0.5).all() and state.position[8] < -0.5   # both knees bent; the right one reads negative
 
 
 def test_standing_in_real_time(rig):
