@@ -89,8 +89,8 @@ class Artifact:
 
 def _float32_tensor(x) -> "torch.Tensor":
     """The array as a float32 tensor sharing its memory where it can. `torch.as_tensor(x,
-    dtype=float32)` gives the same tensor but makes the scripted call after it ~10 µs slower (bench
-    infer, 2026-11-23: tick median 77 → 67 µs, p99 164 → 149 µs), a seventh of the tick."""
+    dtype=float32)` gives the same tensor but makes the scripted call after it ~10 µs slower, a
+    seventh of the walker's tick (docs/benchmarks.md, "the TorchScript wrapper")."""
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 

@@ -58,8 +58,8 @@ class HardwareState:
     def from_msg(cls, msg: StateMsg, stamp_s: float, spec: RobotSpec) -> HardwareState:
         """A STATE frame (the motors' frame) in the joints' frame."""
         sign = spec.motor_direction
-        return cls(q=spec.joint_position(_vec(msg.position)), dq=sign * _vec(msg.velocity), tau=sign * _vec(msg.torque),
-                   temperature=_vec(msg.temperature), quat_wxyz=_vec(msg.quat_wxyz),
+        return cls(q=spec.joint_position(_vec(msg.position)), dq=sign * _vec(msg.velocity),
+                   tau=sign * _vec(msg.torque), temperature=_vec(msg.temperature), quat_wxyz=_vec(msg.quat_wxyz),
                    gyro=_vec(msg.gyro), accel=_vec(msg.accel), stamp_s=stamp_s,
                    firmware_mode=int(msg.mode), last_command_seq=int(msg.last_command_seq))
 

@@ -100,8 +100,7 @@ def test_motor_zero_offsets_and_directions_are_undone_on_the_robot_side(tmp_path
     fw = FakeFirmware()
     with FirmwareHardware.udp(spec, fw.transport.address, ("127.0.0.1", 0)) as hw:
         fw.transport.peer = hw.link.transport.address
-        motor = state(3)   # every motor reads 0.3 rad, -0.5 rad/s, 2 N·m
-        fw.send(motor)
+        fw.send(state(3))   # every motor reads 0.3 rad, -0.5 rad/s, 2 N·m
         s = hw.start()
         np.testing.assert_allclose(s.q[:3], [0.3 - 0.5, -(0.3 + 1.25), 0.3], rtol=1e-6)
         np.testing.assert_allclose(s.dq[:3], [-0.5, 0.5, -0.5], rtol=1e-6)

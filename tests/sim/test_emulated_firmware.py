@@ -97,7 +97,8 @@ def test_frames_carry_the_motors_frame_and_the_twin_the_joints():
     np.testing.assert_allclose(fw.data.ctrl[:N], SPEC.q_default, atol=1e-6)   # the twin's actuators: joint angles
     state = fw.state()
     q_joint, dq_joint = fw.data.sensordata[:N], fw.data.sensordata[N:2 * N]
-    for wire, joint in ((state.position, q_joint), (state.velocity, dq_joint), (state.torque, fw.data.actuator_force[:N])):
+    tau_joint = fw.data.actuator_force[:N]
+    for wire, joint in ((state.position, q_joint), (state.velocity, dq_joint), (state.torque, tau_joint)):
         np.testing.assert_allclose(wire, sign * joint, rtol=1e-6, atol=1e-7)   # float32 on the wire
     assert (q_joint[[8, 3]] > 0.5).all() and state.position[8] < -0.5   # both knees bent; the right one reads negative
 
