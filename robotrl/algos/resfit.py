@@ -702,9 +702,9 @@ class ChunkTick(nn.Module):
         self.memory_size = sum(size for _, size in self.memory_layout)
 
     def forward(self, obs: torch.Tensor, memory: torch.Tensor):
-        p, E, A, J = self.policy, self.execute, self.n_action, self.n_joint
+        p, E, A = self.policy, self.execute, self.n_action
         B = obs.shape[0]
-        stored, left, target, has_target = memory.split([E * A, 1, J, 1], dim=1)
+        stored, left, target, has_target = memory.split([size for _, size in self.memory_layout], dim=1)
         stored = stored.reshape(B, E, A)
         obs_n = p.base.norm.obs(obs)
         empty = left < 0.5
