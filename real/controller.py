@@ -3,7 +3,14 @@
 Every tick: read the newest robot state without blocking → check its age → build the
 observation from the artifact's layout → run the policy → safety filter / state machine →
 send the command. Other threads (ROS callbacks, a UI) only call `set_velocity_command`,
-`start`, `damp`, `estop`, `reset`: they never run inside the tick.
+`set_object_pose`, `set_goal_position`, `start`, `damp`, `estop`, `reset`: they never run inside
+the tick.
+
+A tabletop policy (arm_lift, arm_place) also observes its joint targets, the gripper's width,
+the tool centre point and an object: the controller keeps the targets, reads the width off the
+gripper joint and computes the tool point from the kinematic chain in the manifest; the object's
+pose comes from perception (`set_object_pose`, refused when older than `max_object_age`) and the
+goal from the operator (`set_goal_position`).
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import numpy as np
 from firmware_bridge import Mode as FirmwareMode
 from real.artifact import Artifact, check_against_robot
 from real.hardware import HardwareInterface, JointCommand
-from real.observations import ObservationBuilder, ObsLayout, RobotState
+from real.kinematics import KinematicChain
+from real.observations import TERMS, ObservationBuilder, ObsLayout, RobotState
 from real.robot_spec import RobotSpec
 from real.rt_loop import RateLoop
 from real.safety import SafetyEvent, SafetyFilter
@@ -27,15 +35,34 @@ from real.state_machine import ControlStateMachine, Mode
 FIRMWARE_MODE = {Mode.IDLE: FirmwareMode.IDLE, Mode.RAMP: FirmwareMode.RUNNING, Mode.RUNNING: FirmwareMode.RUNNING,
                  Mode.DAMPING: FirmwareMode.DAMPING, Mode.ESTOP: FirmwareMode.ESTOP}
 
+# What a tabletop term needs besides the joint state: the manifest's kinematic chain, its gripper
+# width map, a perceived object pose, an operator's goal.
+TERM_INPUTS = {"tcp_pos": {"kinematics"}, "cube_to_tcp": {"kinematics", "object"}, "gripper_width": {"gripper"},
+               "cube_pos": {"object"}, "cube_quat": {"object"}, "target_pos": {"goal"},
+               "cube_to_target": {"object", "goal"}}
+
+
+class InputError(ValueError):
+    """The artifact observes something this robot side cannot provide."""
+
 
 class Controller:
     def __init__(self, artifact: Artifact, spec: RobotSpec, hardware: HardwareInterface, *,
                  max_state_age: float = 0.05, max_delta: float = 0.2, ramp_s: float = 1.0,
-                 clock=time.monotonic):
+                 max_object_age: float = 0.2, clock=time.monotonic):
         check_against_robot(artifact.manifest, spec)   # refuses, naming the first difference
         self.artifact, self.spec, self.hw, self.clock = artifact, spec, hardware, clock
         m = artifact.manifest
         self.layout = ObsLayout.from_manifest(m["observation"])
+        self.inputs = self._inputs_of(m, artifact.path)
+        self.kinematics = KinematicChain(m["kinematics"], spec.joint_names) if "kinematics" in self.inputs else None
+        gripper = m["task"].get("gripper_width") if "gripper" in self.inputs else None
+        self._gripper = None if gripper is None else (spec.joint_names.index(gripper["joint"]),
+                                                      float(gripper["offset"]), float(gripper["per_position"]))
+        self.max_object_age = float(max_object_age)
+        self._object: tuple[np.ndarray, np.ndarray, float] | None = None   # pos, quat (w first), stamp
+        self._goal: np.ndarray | None = None
+        self._joint_target = spec.q_default.copy()
         self.builder = ObservationBuilder(self.layout)
         self.gait_period = float(m["task"].get("gait_period_s", 0.0))
         self.machine = ControlStateMachine(SafetyFilter(spec, max_delta=max_delta, max_state_age=max_state_age),
@@ -56,6 +83,20 @@ class Controller:
     def set_velocity_command(self, vx: float, vy: float, yaw_rate: float) -> None:
         with self._command_lock:
             self._command = np.array([vx, vy, yaw_rate], dtype=np.float64)
+
+    def set_object_pose(self, pos, quat_wxyz, stamp_s: float | None = None) -> None:
+        """The manipulated object's pose in the robot base frame (perception); stamp_s on this
+        controller's clock, default now."""
+        pose = (np.asarray(pos, dtype=np.float64).reshape(3), np.asarray(quat_wxyz, dtype=np.float64).reshape(4),
+                self.clock() if stamp_s is None else float(stamp_s))
+        with self._command_lock:
+            self._object = pose
+
+    def set_goal_position(self, pos) -> None:
+        """Where the object should go, robot base frame (arm_place's target spot)."""
+        goal = np.asarray(pos, dtype=np.float64).reshape(3)
+        with self._command_lock:
+            self._goal = goal
 
     def start(self) -> None:
         self.machine.start()
@@ -94,15 +135,19 @@ class Controller:
                 self.artifact.reset()
                 self.phase = 0.0
                 self.last_action[:] = 0.0
+                self._joint_target = np.array(q, dtype=np.float64)
             with self._command_lock:
-                command = self._command
-            obs = self.builder(RobotState(q=q, dq=dq, quat=s.quat_wxyz, gyro=s.gyro, command=command,
-                                          phase=np.asarray(self.phase), last_action=self.last_action,
-                                          q_default=self.spec.q_default))
-            action, q_des = self.artifact.step(obs)     # NaN here is caught by the safety filter
-            self.last_action = action.astype(np.float64)
-            if self.gait_period > 0:
-                self.phase = (self.phase + 1.0 / (self.spec.control_hz * self.gait_period)) % 1.0
+                command, obj, goal = self._command, self._object, self._goal
+            tabletop = self._tabletop(q, obj, goal) if self.inputs else {}
+            if tabletop is not None:
+                obs = self.builder(RobotState(q=q, dq=dq, quat=s.quat_wxyz, gyro=s.gyro, command=command,
+                                              phase=np.asarray(self.phase), last_action=self.last_action,
+                                              q_default=self.spec.q_default, **tabletop))
+                action, q_des = self.artifact.step(obs)     # NaN here is caught by the safety filter
+                self.last_action = action.astype(np.float64)
+                self._joint_target = q_des
+                if self.gait_period > 0:
+                    self.phase = (self.phase + 1.0 / (self.spec.control_hz * self.gait_period)) % 1.0
         self._was_running = running
         cmd, events = self.machine.step(q, dq, age, q_des)
         now = self.clock()
@@ -115,6 +160,45 @@ class Controller:
         self.hw.write(out)
         self.last_sent = out
         self.ticks += 1
+        return out
+
+    @staticmethod
+    def _inputs_of(m: dict, path) -> set[str]:
+        """What the artifact's observation needs beyond the joint state; refuses what cannot be built."""
+        needs: set[str] = set()
+        for name in (t["name"] for t in m["observation"]["terms"]):
+            if name not in TERMS:
+                raise InputError(f"{path}: observation term '{name}' cannot be built on the robot side "
+                                 f"(it builds: {', '.join(TERMS)})")
+            needs |= TERM_INPUTS.get(name, set())
+        if "kinematics" in needs and "kinematics" not in m:
+            raise InputError(f"{path}: observes the tool centre point but its manifest has no 'kinematics' (exported "
+                             "before the robot side computed it); re-export it with `robotrl export`")
+        if "gripper" in needs and "gripper_width" not in m["task"]:
+            raise InputError(f"{path}: observes gripper_width but its manifest has no 'task.gripper_width'; "
+                             "re-export it with `robotrl export`")
+        return needs
+
+    def _tabletop(self, q: np.ndarray, obj, goal) -> dict | None:
+        """This tick's tabletop quantities, or None after damping when perception or the goal is missing."""
+        out = {"joint_target": self._joint_target}
+        if self.kinematics is not None:
+            out["tcp"] = self.kinematics.site_position(q)
+        if self._gripper is not None:
+            index, offset, per_position = self._gripper
+            out["gripper_width"] = np.asarray(offset + per_position * q[index])
+        if "object" in self.inputs:
+            age = float("inf") if obj is None else self.clock() - obj[2]
+            if not age <= self.max_object_age:
+                self.machine.damp(f"object pose stale: age {age * 1e3:.0f} ms > {self.max_object_age * 1e3:.0f} ms "
+                                  "(set_object_pose)")
+                return None
+            out["object_pos"], out["object_quat"] = obj[0], obj[1]
+        if "goal" in self.inputs:
+            if goal is None:
+                self.machine.damp("no goal position (set_goal_position)")
+                return None
+            out["goal_pos"] = goal
         return out
 
     def _follow_firmware(self, s) -> None:

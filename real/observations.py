@@ -26,6 +26,13 @@ class RobotState:
     phase: np.ndarray          # gait-clock phase in [0, 1)
     last_action: np.ndarray    # the previous policy action (before scaling)
     q_default: np.ndarray      # default pose (the action's offset)
+    # Tabletop quantities (None where a robot has none); all in the robot base frame.
+    joint_target: np.ndarray | None = None   # the joint targets in force (the integrated action)
+    gripper_width: np.ndarray | None = None  # distance between the finger pads, m
+    tcp: np.ndarray | None = None            # tool centre point, m
+    object_pos: np.ndarray | None = None     # the manipulated object's centre, m (perception)
+    object_quat: np.ndarray | None = None    # its orientation, (w, x, y, z)
+    goal_pos: np.ndarray | None = None       # where the object should go, m (the operator's goal)
 
 
 def quat_from_xyzw(q_xyzw: np.ndarray) -> np.ndarray:
@@ -56,6 +63,15 @@ TERMS: dict[str, tuple[Callable[[RobotState], np.ndarray], Callable[[int], int]]
     "last_action": (lambda s: s.last_action, lambda n: n),
     "base_ang_vel": (lambda s: s.gyro, lambda n: 3),
     "projected_gravity": (lambda s: projected_gravity(s.quat), lambda n: 3),
+    # tabletop terms (named after the cube the tasks train with)
+    "joint_target": (lambda s: s.joint_target - s.q_default, lambda n: n),
+    "gripper_width": (lambda s: np.asarray(s.gripper_width)[..., None], lambda n: 1),
+    "tcp_pos": (lambda s: s.tcp, lambda n: 3),
+    "cube_pos": (lambda s: s.object_pos, lambda n: 3),
+    "cube_quat": (lambda s: s.object_quat, lambda n: 4),
+    "cube_to_tcp": (lambda s: s.tcp - s.object_pos, lambda n: 3),
+    "target_pos": (lambda s: s.goal_pos, lambda n: 3),
+    "cube_to_target": (lambda s: s.goal_pos - s.object_pos, lambda n: 3),
 }
 
 

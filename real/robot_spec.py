@@ -33,6 +33,9 @@ class RobotSpec:
     # direction·joint for velocities and torques (direction ±1). Wiring, not in the manifest.
     motor_direction: np.ndarray
     motor_zero_offset: np.ndarray
+    # How far inside [q_lower, q_upper] the safety filter keeps targets (rad, or m for a slide
+    # joint); 0 where the limit is a hard stop the joint may be driven against (a gripper).
+    soft_margin: np.ndarray
     control_hz: float
     physics_hz: float
     state_hz: float   # how often the firmware reports STATE (not in the manifest: the policy never sees it)
@@ -110,7 +113,7 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
     joints = raw["joints"]
     if not isinstance(joints, list) or not joints:
         raise SpecError(f"{source}: 'joints' must be a non-empty list")
-    cols: dict[str, list] = {k: [] for k in JOINT_KEYS + ("armature", "direction", "zero_offset")}
+    cols: dict[str, list] = {k: [] for k in JOINT_KEYS + ("armature", "direction", "zero_offset", "soft_margin")}
     for i, j in enumerate(joints):
         where = f"{source}: joints[{i}]"
         if not isinstance(j, dict):
@@ -123,13 +126,16 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         for key in JOINT_KEYS[2:]:
             cols[key].append(_num(j[key], key, f"{where} ({j['name']})"))
         name = j["name"]
-        for key, default in (("armature", 0.0), ("direction", 1), ("zero_offset", 0.0)):
+        for key, default in (("armature", 0.0), ("direction", 1), ("zero_offset", 0.0), ("soft_margin", 0.02)):
             cols[key].append(_num(j.get(key, default), key, f"{where} ({name})"))
         if cols["direction"][-1] not in (1.0, -1.0):
             raise SpecError(f"{where} ({name}): 'direction' must be 1 or -1 (the motor turns with or against "
                             f"the joint), got {j['direction']!r}")
         if cols["lower"][-1] >= cols["upper"][-1]:
             raise SpecError(f"{where} ({name}): 'lower' {j['lower']} must be below 'upper' {j['upper']}")
+        if not 0 <= 2 * cols["soft_margin"][-1] < cols["upper"][-1] - cols["lower"][-1]:
+            raise SpecError(f"{where} ({name}): 'soft_margin' {cols['soft_margin'][-1]} must be >= 0 and leave a "
+                            f"range inside [{j['lower']}, {j['upper']}]")
         if not cols["lower"][-1] <= cols["default"][-1] <= cols["upper"][-1]:
             raise SpecError(f"{where} ({name}): 'default' {j['default']} outside [{j['lower']}, {j['upper']}]")
         for key in ("velocity", "torque"):
@@ -176,7 +182,7 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         name=str(raw["name"]), joint_names=tuple(names), motor_ids=np.asarray(cols["motor_id"], dtype=np.int64),
         q_lower=arr("lower"), q_upper=arr("upper"), dq_max=arr("velocity"), tau_max=arr("torque"),
         kp=arr("kp"), kd=arr("kd"), q_default=arr("default"), armature=arr("armature"),
-        motor_direction=arr("direction"), motor_zero_offset=arr("zero_offset"),
+        motor_direction=arr("direction"), motor_zero_offset=arr("zero_offset"), soft_margin=arr("soft_margin"),
         control_hz=control_hz, physics_hz=physics_hz, state_hz=state_hz, mjcf=str(raw.get("mjcf", "")),
         base_body=str(raw.get("base_body", "")), imu_body=str(raw.get("imu_body", "")),
         foot_bodies=tuple(raw.get("foot_bodies", ())), quaternion_order=quat,

@@ -37,20 +37,24 @@ class SafetyEvent(NamedTuple):
 
 class SafetyFilter:
     def __init__(self, spec: RobotSpec, max_delta: float = 0.1, max_state_age: float = 0.05,
-                 soft_margin: float = 0.02, velocity_margin: float = 0.1,
+                 soft_margin: float | np.ndarray | None = None, velocity_margin: float = 0.1,
                  damping_kd: float | np.ndarray | None = None):
         """max_delta: largest change of a position target per tick (rad).
         max_state_age: older robot state is a fault (s).
-        soft_margin: targets stay this far inside the joint limits (rad).
+        soft_margin: targets stay this far inside the joint limits (rad); default: the robot
+            config's per-joint `soft_margin` (0.02 rad unless the YAML says otherwise).
         velocity_margin: fault when |dq| > dq_max * (1 + velocity_margin).
         damping_kd: damping gain per joint in the fault state; defaults to the spec's kd."""
         self.spec = spec
         self.max_delta = float(max_delta)
         self.max_state_age = float(max_state_age)
-        self.lower = spec.q_lower + soft_margin
-        self.upper = spec.q_upper - soft_margin
+        margin = spec.soft_margin if soft_margin is None else np.broadcast_to(soft_margin, spec.q_lower.shape)
+        self.lower = spec.q_lower + margin
+        self.upper = spec.q_upper - margin
         if np.any(self.lower >= self.upper):
-            raise ValueError(f"soft_margin {soft_margin} leaves no range for some joint of '{spec.name}'")
+            j = int(np.flatnonzero(self.lower >= self.upper)[0])
+            raise ValueError(f"soft_margin {margin[j]} leaves no range for joint '{spec.joint_names[j]}' of "
+                             f"'{spec.name}' ([{spec.q_lower[j]}, {spec.q_upper[j]}])")
         if max_delta <= 0 or max_state_age <= 0 or velocity_margin < 0:
             raise ValueError("max_delta and max_state_age must be > 0, velocity_margin >= 0")
         self.dq_limit = spec.dq_max * (1.0 + velocity_margin)

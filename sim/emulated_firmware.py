@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import mujoco
 import numpy as np
@@ -76,12 +76,14 @@ class BaseState(NamedTuple):
     ang_vel: np.ndarray    # body frame, rad/s (what a gyro on the base reads)
 
 
-def build_firmware_model(spec: RobotSpec) -> mujoco.MjModel:
+def build_firmware_model(spec: RobotSpec, scene: Callable[[mujoco.MjSpec], None] | None = None) -> mujoco.MjModel:
     """The twin with a floor and the sensors the firmware reads: joint position and velocity
     encoders, then (if the robot has an IMU) orientation, gyro and accelerometer, in the
-    STATE frame's order."""
+    STATE frame's order. `scene` adds what the robot works on (a task's objects) to the MjSpec."""
     mj = robot_spec_editable(spec)
     add_floor(mj)
+    if scene is not None:
+        scene(mj)
     for kind in (mujoco.mjtSensor.mjSENS_JOINTPOS, mujoco.mjtSensor.mjSENS_JOINTVEL):
         for name in spec.joint_names:
             mj.add_sensor(type=kind, objtype=mujoco.mjtObj.mjOBJ_JOINT, objname=name)
@@ -112,10 +114,11 @@ def standing_qpos(model: mujoco.MjModel, spec: RobotSpec) -> np.ndarray:
 class SimulatedFirmware:
     """The motor controllers' behaviour on the twin. Not thread-safe: one caller at a time."""
 
-    def __init__(self, spec: RobotSpec, config: FirmwareConfig | None = None):
+    def __init__(self, spec: RobotSpec, config: FirmwareConfig | None = None,
+                 scene: Callable[[mujoco.MjSpec], None] | None = None):
         self.spec = spec
         self.config = config or FirmwareConfig()
-        self.model = build_firmware_model(spec)
+        self.model = build_firmware_model(spec, scene)
         self.data = mujoco.MjData(self.model)
         _, _, self._aids = joint_indices(self.model, spec)
         self._base = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, spec.base_body)

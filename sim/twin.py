@@ -108,3 +108,26 @@ def set_pd_gains(model: mujoco.MjModel, actuator_ids: np.ndarray, kp: np.ndarray
     model.actuator_gainprm[actuator_ids, 0] = kp
     model.actuator_biasprm[actuator_ids, 1] = -kp
     model.actuator_biasprm[actuator_ids, 2] = -kd
+
+
+def kinematic_chain(model: mujoco.MjModel, base_body: str, site: str) -> dict:
+    """The chain from `base_body` down to `site` as the robot side replays it without MuJoCo
+    (real/kinematics.py; it travels in the artifact's manifest as `kinematics`)."""
+    site_id, base = model.site(site).id, model.body(base_body).id
+    bodies, b = [], int(model.site_bodyid[site_id])
+    while b != base:
+        if b == 0:
+            raise ValueError(f"kinematic chain: site '{site}' is not below body '{base_body}'")
+        joints = []
+        for j in range(model.body_jntadr[b], model.body_jntadr[b] + model.body_jntnum[b]):
+            kind = {int(mujoco.mjtJoint.mjJNT_HINGE): "hinge",
+                    int(mujoco.mjtJoint.mjJNT_SLIDE): "slide"}.get(int(model.jnt_type[j]))
+            if kind is None:
+                raise ValueError(f"kinematic chain: joint '{model.joint(j).name}' of body '{model.body(b).name}' "
+                                 "is neither a hinge nor a slide")
+            joints.append({"name": model.joint(j).name, "type": kind, "axis": model.jnt_axis[j].tolist(),
+                           "anchor": model.jnt_pos[j].tolist(), "ref": float(model.qpos0[model.jnt_qposadr[j]])})
+        bodies.append({"body": model.body(b).name, "pos": model.body_pos[b].tolist(),
+                       "quat": model.body_quat[b].tolist(), "joints": joints})
+        b = int(model.body_parentid[b])
+    return {"frame": base_body, "site": site, "bodies": bodies[::-1], "site_pos": model.site_pos[site_id].tolist()}

@@ -22,7 +22,7 @@ from real.observations import ObsLayout, RobotState
 from real.robot_spec import load_robot
 from sim.batched import BatchedSim
 from sim.randomization import Randomization, Randomizer
-from sim.twin import add_floor, joint_indices, robot_spec_editable
+from sim.twin import add_floor, joint_indices, kinematic_chain, robot_spec_editable
 
 REWARD_MODES = ("sparse", "dense")
 ACTION_TYPES = ("delta", "absolute")
@@ -89,19 +89,31 @@ class ArmLiftConfig:
         return REWARDS, OBJECT_TERMS
 
 
+def add_cube(mj: mujoco.MjSpec, c: CubeConfig) -> None:
+    """The task's cube, a free body named "cube" (also what the emulated firmware's scene adds
+    for a robot-side test of a tabletop policy)."""
+    cube = mj.worldbody.add_body(name="cube")
+    cube.add_freejoint(name="cube")
+    # priority: the cube's friction governs its contacts with the table and the fingers alike,
+    # so one number (randomised per episode) sets how hard it is to slide and to hold.
+    cube.add_geom(name="cube", type=mujoco.mjtGeom.mjGEOM_BOX, size=[c.size / 2] * 3, mass=c.mass,
+                  friction=[c.friction, 0.01, 0.001], condim=4, priority=1, contype=1, conaffinity=3,
+                  rgba=[0.85, 0.25, 0.2, 1])
+
+
 # ---- observation terms ----
 # The arm has no floating base, so of the robot terms in real/observations.py only these apply.
 JOINT_TERMS = ("joint_pos", "joint_vel", "last_action")
-# Terms of the task: name -> (function of the step quantities `s`, size given the number of
-# joints, meaning). The robot side fills them from forward kinematics and perception; the
-# meanings travel in the manifest.
+# The task's terms: name -> meaning (it travels in the manifest). Their functions are the tabletop
+# terms of real/observations.py, so the robot side builds them the same way: from its joint
+# targets, the gripper joint, forward kinematics (the manifest's `kinematics`) and perception.
 OBJECT_TERMS = {
-    "joint_target": (lambda s: s["target"] - s["q_default"], lambda n: n, "joint target (integrated action) - q_default"),
-    "gripper_width": (lambda s: s["width"][:, None], lambda n: 1, "distance between the finger pads, m"),
-    "tcp_pos": (lambda s: s["tcp"], lambda n: 3, "tool centre point in the base frame, m"),
-    "cube_pos": (lambda s: s["cube_pos"], lambda n: 3, "cube centre in the base frame, m"),
-    "cube_quat": (lambda s: s["cube_quat"], lambda n: 4, "cube orientation in the base frame, (w, x, y, z)"),
-    "cube_to_tcp": (lambda s: s["tcp"] - s["cube_pos"], lambda n: 3, "tcp_pos - cube_pos, m"),
+    "joint_target": "joint target (integrated action) - q_default",
+    "gripper_width": "distance between the finger pads, m",
+    "tcp_pos": "tool centre point in the base frame, m",
+    "cube_pos": "cube centre in the base frame, m",
+    "cube_quat": "cube orientation in the base frame, (w, x, y, z)",
+    "cube_to_tcp": "tcp_pos - cube_pos, m",
 }
 
 
@@ -137,13 +149,7 @@ class ArmLift:
                 raise ValueError(f"task arm_lift: robot '{r.name}' ({r.source}) needs '{key}'")
         mj = robot_spec_editable(r)
         add_floor(mj)  # the table top, at the robot base's height (z = 0)
-        cube = mj.worldbody.add_body(name="cube")
-        cube.add_freejoint(name="cube")
-        # priority: the cube's friction governs its contacts with the table and the fingers alike,
-        # so one number (randomised per episode) sets how hard it is to slide and to hold.
-        cube.add_geom(name="cube", type=mujoco.mjtGeom.mjGEOM_BOX, size=[c.size / 2] * 3, mass=c.mass,
-                      friction=[c.friction, 0.01, 0.001], condim=4, priority=1, contype=1, conaffinity=3,
-                      rgba=[0.85, 0.25, 0.2, 1])
+        add_cube(mj, c)
         mj.add_sensor(name="tcp_pos", type=mujoco.mjtSensor.mjSENS_FRAMEPOS, objtype=mujoco.mjtObj.mjOBJ_SITE,
                       objname=r.extra["ee_site"])
         for pad in r.extra["finger_pads"]:  # number of contacts between each finger pad and the cube
@@ -163,9 +169,7 @@ class ArmLift:
         self.episode_steps = int(round(cfg.episode_s * r.control_hz))
         self.hold_steps = max(1, int(round(cfg.hold_s * r.control_hz)))
         terms = tuple(cfg.observation)
-        sizes = tuple((ROBOT_TERMS[t] if t in JOINT_TERMS else OBJECT_TERMS[t])[1](n) for t in terms)
-        # ObsLayout carries names/sizes/scales into the manifest; frames are built here because
-        # the object terms are not robot state.
+        sizes = tuple(ROBOT_TERMS[t][1](n) for t in terms)
         self.layout = ObsLayout(terms, tuple(float(v) for v in cfg.observation.values()), sizes, cfg.history)
         self.obs_size = self.layout.size
         # privileged: + cube velocity (6), pad contacts, randomisation sample (3)
@@ -204,11 +208,25 @@ class ArmLift:
     @staticmethod
     def _mimic_qadr(m: mujoco.MjModel, gripper_qadr: int) -> int:
         """qpos address of the finger that the MJCF's joint equality couples to the driven one."""
+        return int(m.jnt_qposadr[m.eq_obj1id[ArmLift._mimic_equality(m, gripper_qadr)]])
+
+    @staticmethod
+    def _mimic_equality(m: mujoco.MjModel, gripper_qadr: int) -> int:
         for e in range(m.neq):
-            a, b = m.eq_obj1id[e], m.eq_obj2id[e]
-            if m.eq_type[e] == mujoco.mjtEq.mjEQ_JOINT and m.jnt_qposadr[b] == gripper_qadr:
-                return int(m.jnt_qposadr[a])
+            if m.eq_type[e] == mujoco.mjtEq.mjEQ_JOINT and m.jnt_qposadr[m.eq_obj2id[e]] == gripper_qadr:
+                return e
         raise ValueError("arm_lift: the MJCF needs a joint equality coupling a second finger to the gripper joint")
+
+    def gripper_width_map(self) -> dict:
+        """width = offset + per_position * q_gripper: the robot measures one finger, the second one
+        follows it by the MJCF's joint equality (mimic - mimic0 = c0 + c1 (q - q0))."""
+        m, qadr = self.model, self.qadr[self.gripper]
+        c = m.eq_data[self._mimic_equality(m, qadr)][:5]
+        if np.any(c[2:] != 0):
+            raise ValueError("arm_lift: the gripper's joint equality must be linear (polycoef a2..a4 = 0)")
+        q0, mimic0 = m.qpos0[qadr], m.qpos0[self.mimic_qadr]
+        return {"joint": self.robot.extra["gripper_joint"], "offset": float(mimic0 + c[0] - c[1] * q0),
+                "per_position": float(1.0 + c[1])}
 
     def _read_sensors(self, ids, sensordata: np.ndarray) -> None:
         self.tcp[ids] = sensordata[..., self.sensor_tcp]
@@ -259,9 +277,11 @@ class ArmLift:
     def _frame(self, noisy: bool = True) -> np.ndarray:
         s = self._quantities(noisy)
         state = RobotState(q=s["q"], dq=s["dq"], quat=None, gyro=None, command=None, phase=None,
-                           last_action=self.action, q_default=self.robot.q_default)
-        object_terms = self.cfg.known_terms()[1]
-        parts = [(ROBOT_TERMS[t][0](state) if t in JOINT_TERMS else object_terms[t][0](s)) * k
+                           last_action=self.action, q_default=self.robot.q_default, joint_target=s["target"],
+                           gripper_width=s["width"], tcp=s["tcp"], object_pos=s["cube_pos"],
+                           object_quat=s["cube_quat"], goal_pos=s.get("target_pos"))
+        # camera terms are not robot state: they come as they are from the quantities
+        parts = [(ROBOT_TERMS[t][0](state) if t in ROBOT_TERMS else s[t]) * k
                  for t, k in zip(self.layout.terms, self.layout.scales)]
         return np.concatenate(parts, axis=-1).astype(np.float32)
 
@@ -335,10 +355,11 @@ class ArmLift:
             target = ("clip(previous_target + scale * action, q_lower, q_upper); "
                       "the first target is the measured joint position")
         return {"observation": self.layout.to_manifest(),
+                "kinematics": kinematic_chain(self.model, r.base_body, r.extra["ee_site"]),
                 "action": {"joint_names": list(r.joint_names), "scale": self.scale.tolist(),
                            "offset": self.offset.tolist(), "clip": c.action_clip, "type": action_type,
                            "target": target},
                 "task": {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode,
                          "lift_height": c.lift_height, "hold_s": c.hold_s, "cube_size": c.cube.size,
-                         "ee_site": r.extra["ee_site"],
-                         "object_terms": {t: OBJECT_TERMS[t][2] for t in self.layout.terms if t in OBJECT_TERMS}}}
+                         "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
+                         "object_terms": {t: OBJECT_TERMS[t] for t in self.layout.terms if t in OBJECT_TERMS}}}

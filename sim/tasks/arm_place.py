@@ -15,20 +15,17 @@ import numpy as np
 from real.observations import TERMS as ROBOT_TERMS
 from real.observations import ObsLayout
 from sim.tasks import arm_lift
-from sim.tasks.arm_lift import JOINT_TERMS
 
-# the terms of this task beyond arm_lift's: name -> (function of the step quantities, size, meaning).
-# The sizes of the camera terms depend on the config (None here; ArmPlace._term_size).
+# the terms of this task beyond arm_lift's: name -> meaning. target_pos and cube_to_target are
+# tabletop terms of real/observations.py; the camera terms exist only here, and their sizes
+# depend on the config (ArmPlace._term_size).
 PLACE_TERMS = {
-    "target_pos": (lambda s: s["target_pos"], lambda n: 3, "target spot on the table (z = table), base frame, m"),
-    "cube_to_target": (lambda s: s["target_pos"] - s["cube_pos"], lambda n: 3, "target_pos - cube_pos, m"),
-    "camera_rgb": (lambda s: s["camera_rgb"], None,
-                   "RGB image of task.camera, height x width x 3 row-major, in [0, 1] (target drawn as a green disc)"),
-    "point_cloud": (lambda s: s["point_cloud"], None,
-                    "task.point_cloud.points points (x, y, z; base frame, m) from task.camera's depth image: cropped "
+    "target_pos": "target spot on the table (z = table), base frame, m",
+    "cube_to_target": "target_pos - cube_pos, m",
+    "camera_rgb": "RGB image of task.camera, height x width x 3 row-major, in [0, 1] (target drawn as a green disc)",
+    "point_cloud": ("task.point_cloud.points points (x, y, z; base frame, m) from task.camera's depth image: cropped "
                     "to the workspace box above the table, open3d voxel down-sampled, resampled to a fixed count"),
 }
-IMAGE_TERMS = ("camera_rgb", "point_cloud")
 OBJECT_TERMS = {**arm_lift.OBJECT_TERMS, **PLACE_TERMS}
 
 
@@ -125,7 +122,7 @@ class ArmPlace(arm_lift.ArmLift):
             return c.camera.width * c.camera.height * 3
         if term == "point_cloud":
             return c.point_cloud.points * 3
-        return (ROBOT_TERMS[term] if term in JOINT_TERMS else OBJECT_TERMS[term])[1](n)
+        return ROBOT_TERMS[term][1](n)
 
     def reset(self, ids: np.ndarray) -> None:
         t = self.cfg.target
@@ -216,6 +213,6 @@ class ArmPlace(arm_lift.ArmLift):
         m = super().manifest()
         c = self.cfg
         m["task"].update({"name": c.name, "place_tolerance": c.place_tolerance, "hold_s": c.hold_s,
-                          "object_terms": {t: OBJECT_TERMS[t][2] for t in self.layout.terms if t in OBJECT_TERMS}})
+                          "object_terms": {t: OBJECT_TERMS[t] for t in self.layout.terms if t in OBJECT_TERMS}})
         m["task"].pop("lift_height", None)
         return m

@@ -1,0 +1,174 @@
+"""Tabletop policies through the robot-side stack: the Controller builds what the simulator
+observed — joint targets, gripper width, the tool centre point by forward kinematics from the
+manifest, the cube's pose as perception reports it — and drives the arm's twin (its emulated
+firmware, with the task's cube added to the scene) through the safety filter."""
+import dataclasses
+from pathlib import Path
+
+import mujoco
+import numpy as np
+import pytest
+import yaml
+
+from real.artifact import load_artifact
+from real.controller import Controller, InputError
+from real.kinematics import KinematicChain
+from real.robot_spec import SpecError, load_robot, spec_from_dict
+from real.safety import SafetyFilter
+from real.state_machine import Mode
+from sim.envs import make_task, task_config
+from sim.tasks.arm_lift import add_cube
+from sim.twin import build_twin, joint_indices, kinematic_chain
+from sim.twin_hardware import TwinHardware
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "docs" / "artifacts"
+
+
+@pytest.mark.parametrize("robot", ["arm7", "franka_panda"])
+def test_kinematic_chain_replays_mujoco(robot):
+    spec = load_robot(robot)
+    model = build_twin(spec, floor=False)
+    data = mujoco.MjData(model)
+    site = spec.extra["ee_site"]
+    chain = KinematicChain(kinematic_chain(model, spec.base_body, site), spec.joint_names)
+    qadr, _, _ = joint_indices(model, spec)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        q = rng.uniform(spec.q_lower, spec.q_upper)
+        data.qpos[qadr] = q
+        mujoco.mj_kinematics(model, data)
+        assert np.allclose(chain.site_position(q), data.site(site).xpos, atol=1e-9)
+
+
+def test_robot_side_terms_equal_the_tasks_on_its_rollout():
+    """The manifest's kinematics and gripper map rebuild the task's observation from what a robot
+    measures (the tool point within the one physics step by which the task's sensor lags)."""
+    art = load_artifact(ARTIFACTS / "arm_lift_resfit.pt")
+    m = art.manifest
+    task = make_task(task_config(m["task"]["config"]))
+    task.seed(3)
+    task.reset(np.arange(1))
+    chain = KinematicChain(m["kinematics"], task.robot.joint_names)
+    grip = m["task"]["gripper_width"]
+    g = task.robot.joint_names.index(grip["joint"])
+    for _ in range(30):
+        s = task._quantities(noisy=False)
+        q = s["q"][0]
+        assert np.allclose(chain.site_position(q), s["tcp"][0], atol=2e-3)
+        assert abs(grip["offset"] + grip["per_position"] * q[g] - s["width"][0]) < 5e-4
+        action, _ = art.step(task.observe()[0][0])
+        task.step(action[None])
+    assert grip["per_position"] == 2.0 and grip["offset"] == 0.0   # arm7: the second finger mirrors the first
+
+
+def run_episode(artifact, seed: int, ramp_s: float = 0.4, perceive=True, controller_kw=None):
+    """One pick from a cube placement the task would draw; True when the cube was lifted by the
+    task's lift_height for its hold_s. Returns (lifted, controller, twin)."""
+    spec = load_robot("arm7")
+    cfg = task_config(artifact.manifest["task"]["config"])
+    rng = np.random.default_rng(seed)
+    clock = {"t": 0.0}
+    twin = TwinHardware(spec, clock=lambda: clock["t"], scene=lambda mj: add_cube(mj, cfg.cube))
+    model, data = twin.sim.model, twin.sim.data
+    cube = model.joint("cube").qposadr[0]
+    yaw = rng.uniform(*cfg.cube.yaw)
+    data.qpos[cube:cube + 7] = (rng.uniform(*cfg.cube.x), rng.uniform(*cfg.cube.y), cfg.cube.size / 2,
+                                np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))
+    data.qpos[model.joint("gripper_mimic").qposadr[0]] = spec.q_default[-1]
+    mujoco.mj_forward(model, data)
+    ctl = Controller(artifact, spec, twin, clock=lambda: clock["t"], ramp_s=ramp_s, **(controller_kw or {}))
+    ctl.start()
+    held, hold = 0, round(cfg.hold_s * spec.control_hz)
+    for _ in range(int((ramp_s + cfg.episode_s) * spec.control_hz)):
+        if perceive(clock["t"]) if callable(perceive) else perceive:
+            ctl.set_object_pose(data.qpos[cube:cube + 3].copy(), data.qpos[cube + 3:cube + 7].copy())
+        ctl.tick()
+        twin.step()
+        clock["t"] += 1.0 / spec.control_hz
+        held = held + 1 if data.qpos[cube + 2] - cfg.cube.size / 2 >= cfg.lift_height else 0
+        if held >= hold:
+            return True, ctl, twin
+    return False, ctl, twin
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_shipped_resfit_policy_lifts_through_the_controller(suffix):
+    """ResFiT on arm_lift lifted 11 of these 12 cubes in both formats; its frozen BC base, 5."""
+    artifact = load_artifact(ARTIFACTS / f"arm_lift_resfit{suffix}")
+    spec = load_robot("arm7")
+    lifted = 0
+    for seed in range(12):
+        ok, ctl, twin = run_episode(artifact, seed)
+        lifted += ok
+        assert ctl.mode is Mode.RUNNING, [e for _, e in ctl.events if e.kind == "fault"]
+        for c in twin.sim.applied_commands():
+            assert np.all(c.q_target >= spec.q_lower - 1e-6) and np.all(c.q_target <= spec.q_upper + 1e-6)
+    assert lifted >= 9, lifted
+
+
+def test_stale_perception_damps_the_arm():
+    artifact = load_artifact(ARTIFACTS / "arm_lift_resfit.pt")
+    # perception stops 1 s in (0.4 s of ramp, then 0.6 s of the policy)
+    ok, ctl, _ = run_episode(artifact, 0, perceive=lambda t: t < 1.0)
+    assert ctl.mode is Mode.DAMPING
+    faults = [e.reason for _, e in ctl.events if e.kind in ("fault", "mode")]
+    assert any("object pose stale" in r for r in faults), faults
+
+
+def test_a_place_policy_waits_for_its_goal():
+    """arm_place observes the target spot: without set_goal_position the arm damps, saying why."""
+    artifact = load_artifact(ARTIFACTS / "arm_place_resfit.pt")
+    spec = load_robot("arm7")
+    clock = {"t": 0.0}
+    twin = TwinHardware(spec, clock=lambda: clock["t"])
+    ctl = Controller(artifact, spec, twin, clock=lambda: clock["t"], ramp_s=0.04)
+    ctl.start()
+    for _ in range(5):
+        ctl.set_object_pose([0.5, 0.0, 0.025], [1.0, 0.0, 0.0, 0.0])
+        ctl.tick()
+        twin.step()
+        clock["t"] += 1.0 / spec.control_hz
+    assert ctl.mode is Mode.DAMPING
+    assert any("no goal position" in e.reason for _, e in ctl.events)
+
+
+def test_what_the_robot_cannot_observe_is_refused_at_construction():
+    art = load_artifact(ARTIFACTS / "arm_lift_resfit.pt")
+    spec = load_robot("arm7")
+    twin = TwinHardware(spec)
+    manifest = art.manifest
+    for change, words in ((lambda m: m.pop("kinematics"), "no 'kinematics'"),
+                          (lambda m: m["task"].pop("gripper_width"), "task.gripper_width"),
+                          (lambda m: m["observation"]["terms"].append({"name": "camera_rgb", "size": 12, "scale": 1.0}),
+                           "'camera_rgb' cannot be built")):
+        m = {**manifest, "task": dict(manifest["task"]),
+             "observation": {**manifest["observation"], "terms": list(manifest["observation"]["terms"])}}
+        change(m)
+        art.manifest = m
+        with pytest.raises(InputError, match=words):
+            Controller(art, spec, twin)
+
+
+def test_gripper_may_close_against_its_stops():
+    """arm7's gripper has soft_margin 0 (its limits are finger stops): fully open and fully
+    closed targets pass; the arm joints keep the default 0.02 rad margin."""
+    spec = load_robot("arm7")
+    f = SafetyFilter(spec)
+    q = spec.q_default.copy()
+    for width in (0.0, 0.04):
+        want = q.copy()
+        want[-1] = width
+        f.reset()
+        cmd, _ = f.filter(want, np.r_[q[:-1], width], np.zeros(spec.n_joints), 0.0)
+        assert cmd.q_target[-1] == width
+    want = spec.q_upper.copy()
+    f.reset()
+    cmd, _ = f.filter(want, spec.q_upper, np.zeros(spec.n_joints), 0.0)
+    assert np.allclose(cmd.q_target[:-1], spec.q_upper[:-1] - 0.02)
+    bad = dataclasses.replace(spec, soft_margin=np.r_[spec.soft_margin[:-1], 0.03])
+    with pytest.raises(ValueError, match="joint 'gripper'"):
+        SafetyFilter(bad)
+    raw = yaml.safe_load(Path(spec.source).read_text())
+    raw["joints"][-1]["soft_margin"] = 0.03
+    with pytest.raises(SpecError, match=r"joints\[7\] \(gripper\): 'soft_margin' 0.03"):
+        spec_from_dict(raw, "arm7.yaml")
