@@ -30,7 +30,6 @@ class KinematicChain:
         """kinematics: the manifest's `kinematics`; joint_names: the robot's joints in order (the
         chain's joints are looked up in it). Raises ValueError naming what does not fit."""
         names = list(joint_names)
-        self.frame, self.site = kinematics["frame"], kinematics["site"]
         self.bodies = []
         for body in kinematics["bodies"]:
             joints = []
