@@ -101,8 +101,9 @@ def _write_onnx(module: torch.nn.Module, manifest: dict, path: str, parity_obs: 
     obs = torch.as_tensor(np.asarray(parity_obs[:2], dtype=np.float32))   # a batch of 2: 1 would specialise
     args, names, dynamic = (obs,), ["obs"], {"obs": {0: batch}}
     outputs = ["action", "q_target"]
-    if tick.memory_size:
-        args += (torch.zeros(len(obs), tick.memory_size),)
+    memory_size = sum(size for _, size in tick.memory_layout)
+    if memory_size:
+        args += (torch.zeros(len(obs), memory_size),)
         names.append("memory")
         dynamic["memory"] = {0: batch}
         outputs.append("memory_out")
@@ -119,7 +120,7 @@ def _write_onnx(module: torch.nn.Module, manifest: dict, path: str, parity_obs: 
                               f"{str(e).strip().splitlines()[0]}); export it with format=torchscript") from None
         program.optimize()   # drops constants no node reads, which onnxruntime would warn about at every load
     model = program.model_proto
-    manifest = {**manifest, "onnx": {"inputs": names, "outputs": outputs, "memory_size": tick.memory_size,
+    manifest = {**manifest, "onnx": {"inputs": names, "outputs": outputs, "memory_size": memory_size,
                                      "memory_layout": [{"name": n, "size": k} for n, k in tick.memory_layout],
                                      "opset": int(model.opset_import[0].version),
                                      "call": "one row per robot: obs [1, size] (float32); a memory starts at zeros "

@@ -192,7 +192,7 @@ class DeployModule(nn.Module):
 
     def pure_tick(self) -> nn.Module:
         """The tick as a pure function, the form an ONNX graph takes (robotrl/export.py):
-        forward(obs [B, obs]) -> (action, q_target), or with `memory_size` > 0 forward(obs, memory)
+        forward(obs [B, obs]) -> (action, q_target), or with a `memory_layout` forward(obs, memory)
         -> (action, q_target, memory_out), where zeros are the memory that reset() leaves. A deploy
         module without one exports to TorchScript only."""
         raise NotImplementedError(f"{type(self).__name__} has no ONNX form (pure_tick); "
@@ -276,8 +276,8 @@ class PureTick(nn.Module):
     def __init__(self, policy: MlpDeployPolicy):
         super().__init__()
         self.policy = policy
-        self.memory_size = int(policy.state.shape[-1]) if isinstance(policy, RecurrentDeployPolicy) else 0
-        self.memory_layout = [("rnn_state", self.memory_size)] if self.memory_size else []
+        recurrent = isinstance(policy, RecurrentDeployPolicy)
+        self.memory_layout = [("rnn_state", int(policy.state.shape[-1]))] if recurrent else []
 
     def forward(self, obs: torch.Tensor, memory: torch.Tensor | None = None):
         if memory is None:

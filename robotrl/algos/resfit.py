@@ -699,7 +699,6 @@ class ChunkTick(nn.Module):
         self.n_joint = int(policy.q_lower.numel())
         self.memory_layout = [("chunk_queue", self.execute * self.n_action), ("actions_left", 1),
                               ("joint_target", self.n_joint), ("has_joint_target", 1)]
-        self.memory_size = sum(size for _, size in self.memory_layout)
 
     def forward(self, obs: torch.Tensor, memory: torch.Tensor):
         p, E, A = self.policy, self.execute, self.n_action

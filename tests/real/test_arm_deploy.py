@@ -74,7 +74,8 @@ def run_episode(artifact, seed: int, ramp_s: float = 0.4, perceive=True, control
     yaw = rng.uniform(*cfg.cube.yaw)
     data.qpos[cube:cube + 7] = (rng.uniform(*cfg.cube.x), rng.uniform(*cfg.cube.y), cfg.cube.size / 2,
                                 np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))
-    data.qpos[model.joint("gripper_mimic").qposadr[0]] = spec.q_default[-1]
+    # the second finger starts where its joint equality puts it: level with the open driven finger
+    data.qpos[model.joint("gripper_mimic").qposadr[0]] = spec.q_default[spec.joint_names.index("gripper")]
     mujoco.mj_forward(model, data)
     ctl = Controller(artifact, spec, twin, clock=lambda: clock["t"], ramp_s=ramp_s, **(controller_kw or {}))
     ctl.start()

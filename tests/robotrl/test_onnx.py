@@ -133,7 +133,7 @@ def test_bad_export_format_is_named(pair, args, needle, capsys):
 
 
 class _Tick(torch.nn.Module):
-    memory_size, memory_layout = 0, []
+    memory_layout = []
 
     def forward(self, obs):
         if bool(obs.sum() > 0):   # Python control flow on data: no graph can hold it

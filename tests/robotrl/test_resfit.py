@@ -348,7 +348,7 @@ def test_onnx_chunk_tick_integrates_targets_without_a_joint_target_term(bc_run, 
     assert not policy.from_target
     scripted = torch.jit.script(DeployPolicy(base, NoResidual(), manifest).eval())
     obs = torch.as_tensor(np.random.default_rng(1).normal(size=(25, m["observation"]["size"])), dtype=torch.float32)
-    memory = torch.zeros(1, tick.memory_size)
+    memory = torch.zeros(1, sum(size for _, size in tick.memory_layout))
     with torch.no_grad():
         for i, o in enumerate(obs):
             if i == 13:
