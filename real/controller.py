@@ -9,8 +9,8 @@ the tick.
 A tabletop policy (arm_lift, arm_place) also observes its joint targets, the gripper's width,
 the tool centre point and an object: the controller keeps the targets, reads the width off the
 gripper joint and computes the tool point from the kinematic chain in the manifest; the object's
-pose comes from perception (`set_object_pose`, refused when older than `max_object_age`) and the
-goal from the operator (`set_goal_position`).
+pose comes from perception (`set_object_pose`; older than `max_object_age` while running: damping)
+and the goal from the operator (`set_goal_position`); `start` is refused until both are there.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from real.observations import TERMS, ObservationBuilder, ObsLayout, RobotState
 from real.robot_spec import RobotSpec
 from real.rt_loop import RateLoop
 from real.safety import SafetyEvent, SafetyFilter
-from real.state_machine import ControlStateMachine, Mode
+from real.state_machine import ControlStateMachine, Mode, TransitionError
 
 
 # The firmware mode each controller mode asks for (requested every tick until the state shows it).
@@ -98,7 +98,25 @@ class Controller:
         with self._command_lock:
             self._goal = goal
 
+    def missing_input(self) -> str | None:
+        """Why the policy could not run now for want of perception or a goal; None if it could."""
+        with self._command_lock:
+            obj, goal = self._object, self._goal
+        if "object" in self.inputs:
+            if obj is None:
+                return "no object pose received yet (is perception publishing?)"
+            age = self.clock() - obj[2]
+            if age > self.max_object_age:
+                return f"object pose is {age * 1e3:.0f} ms old (> {self.max_object_age * 1e3:.0f} ms)"
+        if "goal" in self.inputs and goal is None:
+            return "no goal position given yet"
+        return None
+
     def start(self) -> None:
+        """IDLE -> RAMP. A tabletop policy without a fresh object pose or its goal is refused
+        (TransitionError saying which) rather than ramped into damping."""
+        if self.machine.mode is Mode.IDLE and (missing := self.missing_input()):
+            raise TransitionError(missing)
         self.machine.start()
 
     def damp(self, reason: str = "damp command") -> None:
@@ -180,7 +198,7 @@ class Controller:
         return needs
 
     def _tabletop(self, q: np.ndarray, obj, goal) -> dict | None:
-        """This tick's tabletop quantities, or None after damping when perception or the goal is missing."""
+        """This tick's tabletop quantities, or None after damping when perception went stale."""
         out = {"joint_target": self._joint_target}
         if self.kinematics is not None:
             out["tcp"] = self.kinematics.site_position(q)
@@ -188,17 +206,14 @@ class Controller:
             index, offset, per_position = self._gripper
             out["gripper_width"] = np.asarray(offset + per_position * q[index])
         if "object" in self.inputs:
-            age = float("inf") if obj is None else self.clock() - obj[2]
-            if not age <= self.max_object_age:
+            age = self.clock() - obj[2]   # start() required a pose, and it is never unset
+            if not age <= self.max_object_age:   # (a NaN stamp too)
                 self.machine.damp(f"object pose stale: age {age * 1e3:.0f} ms > {self.max_object_age * 1e3:.0f} ms "
                                   "(set_object_pose)")
                 return None
             out["object_pos"], out["object_quat"] = obj[0], obj[1]
         if "goal" in self.inputs:
-            if goal is None:
-                self.machine.damp("no goal position (set_goal_position)")
-                return None
-            out["goal_pos"] = goal
+            out["goal_pos"] = goal   # start() required it, and it is never unset
         return out
 
     def _follow_firmware(self, s) -> None:

@@ -20,6 +20,10 @@ values and non-negative gains; its values are applied exactly as received.
 Frames: COMMAND and STATE carry the motors' frame (robot YAML: motor = direction·joint +
 zero_offset); the twin and the applied-command log are in the joints' frame, so the log compares
 with the YAML's joint limits directly.
+
+World: what the robot works on (a tabletop task's cube, ``sim.envs.task_world``) can be added
+to the twin; the firmware then also reports the tracked object's pose in the robot's base frame,
+standing in for perception (``object_pose``), and carries the goal an operator would give.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from firmware_bridge import (CommandMsg, Mode, ModeRequestMsg, ProtocolVersionEr
                              StateMsg, UdpTransport, encode)
 from firmware_bridge.protocol import SEQ_MASK
 from real.robot_spec import RobotSpec, load_robot
-from sim.twin import add_floor, joint_indices, robot_spec_editable, set_pd_gains
+from sim.twin import add_floor, apply_joint_equalities, joint_indices, robot_spec_editable, set_pd_gains
 
 # Fake motor temperature: first-order heating by tau^2 towards ambient + HEAT * tau^2.
 AMBIENT_C = 30.0
@@ -76,14 +80,24 @@ class BaseState(NamedTuple):
     ang_vel: np.ndarray    # body frame, rad/s (what a gyro on the base reads)
 
 
-def build_firmware_model(spec: RobotSpec, scene: Callable[[mujoco.MjSpec], None] | None = None) -> mujoco.MjModel:
+@dataclasses.dataclass(frozen=True)
+class World:
+    """What the robot works on in the twin: a task's objects, their placement at boot (as the
+    task's reset draws it), the body perception reports, and the goal an operator would give."""
+    add: Callable[[mujoco.MjSpec], None]                      # adds the objects to the scene
+    place: Callable[[mujoco.MjModel, mujoco.MjData], None]   # sets their initial qpos
+    tracked_body: str | None = None
+    goal: np.ndarray | None = None                           # robot base frame, m
+
+
+def build_firmware_model(spec: RobotSpec, world: World | None = None) -> mujoco.MjModel:
     """The twin with a floor and the sensors the firmware reads: joint position and velocity
     encoders, then (if the robot has an IMU) orientation, gyro and accelerometer, in the
-    STATE frame's order. `scene` adds what the robot works on (a task's objects) to the MjSpec."""
+    STATE frame's order; and the world's objects."""
     mj = robot_spec_editable(spec)
     add_floor(mj)
-    if scene is not None:
-        scene(mj)
+    if world is not None:
+        world.add(mj)
     for kind in (mujoco.mjtSensor.mjSENS_JOINTPOS, mujoco.mjtSensor.mjSENS_JOINTVEL):
         for name in spec.joint_names:
             mj.add_sensor(type=kind, objtype=mujoco.mjtObj.mjOBJ_JOINT, objname=name)
@@ -96,11 +110,13 @@ def build_firmware_model(spec: RobotSpec, scene: Callable[[mujoco.MjSpec], None]
 
 
 def standing_qpos(model: mujoco.MjModel, spec: RobotSpec) -> np.ndarray:
-    """Default joint pose; a floating base is lowered until its lowest geom is 1 mm above the
-    floor (the same placement as HumanoidWalk._standing_qpos, for any geometry)."""
+    """Default joint pose (joints coupled by an equality where it puts them); a floating base is
+    lowered until its lowest geom is 1 mm above the floor (the same placement as
+    HumanoidWalk._standing_qpos, for any geometry)."""
     data = mujoco.MjData(model)
     qadr, _, _ = joint_indices(model, spec)
     data.qpos[qadr] = spec.q_default
+    apply_joint_equalities(model, data.qpos)
     if model.jnt_type[0] == mujoco.mjtJoint.mjJNT_FREE:
         mujoco.mj_kinematics(model, data)
         floor = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "floor")
@@ -114,16 +130,19 @@ def standing_qpos(model: mujoco.MjModel, spec: RobotSpec) -> np.ndarray:
 class SimulatedFirmware:
     """The motor controllers' behaviour on the twin. Not thread-safe: one caller at a time."""
 
-    def __init__(self, spec: RobotSpec, config: FirmwareConfig | None = None,
-                 scene: Callable[[mujoco.MjSpec], None] | None = None):
+    def __init__(self, spec: RobotSpec, config: FirmwareConfig | None = None, world: World | None = None):
         self.spec = spec
         self.config = config or FirmwareConfig()
-        self.model = build_firmware_model(spec, scene)
+        self.world = world
+        self.model = build_firmware_model(spec, world)
         self.data = mujoco.MjData(self.model)
         _, _, self._aids = joint_indices(self.model, spec)
         self._base = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, spec.base_body)
+        self._tracked = None if world is None or world.tracked_body is None else self.model.body(world.tracked_body).id
         self.dt = self.model.opt.timestep
         self.data.qpos[:] = standing_qpos(self.model, spec)
+        if world is not None:
+            world.place(self.model, self.data)
         mujoco.mj_forward(self.model, self.data)  # sensors read the initial pose
         floating = self.model.jnt_type[0] == mujoco.mjtJoint.mjJNT_FREE
         self._gantry = self.data.qpos[:7].copy() if floating and self.config.gantry_s > 0 else None
@@ -217,6 +236,18 @@ class SimulatedFirmware:
         return BaseState(self.data.xpos[self._base].copy(), self.data.xquat[self._base].copy(),
                          lin_world, vel[:3].copy())
 
+    def object_pose(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The world's tracked object in the robot's base frame, (position m, quaternion w first),
+        as of the last physics step's kinematics: what perception reports. None without one."""
+        if self._tracked is None:
+            return None
+        d, b, o = self.data, self._base, self._tracked
+        pos = d.xmat[b].reshape(3, 3).T @ (d.xpos[o] - d.xpos[b])
+        base_inv, quat = np.empty(4), np.empty(4)
+        mujoco.mju_negQuat(base_inv, d.xquat[b])
+        mujoco.mju_mulQuat(quat, base_inv, d.xquat[o])
+        return pos, quat
+
     def applied_commands(self) -> list[AppliedCommand]:
         return list(self._log)
 
@@ -238,9 +269,10 @@ class EmulatedFirmware:
     """
 
     def __init__(self, spec: RobotSpec, bind: tuple[str, int] = ("127.0.0.1", 0),
-                 peer: tuple[str, int] | None = None, config: FirmwareConfig | None = None):
+                 peer: tuple[str, int] | None = None, config: FirmwareConfig | None = None,
+                 world: World | None = None):
         self.spec = spec
-        self.sim = SimulatedFirmware(spec, config)
+        self.sim = SimulatedFirmware(spec, config, world)
         config = self.sim.config
         self.transport = UdpTransport(bind, peer)
         self.address = self.transport.address
@@ -366,6 +398,10 @@ class EmulatedFirmware:
     def applied_commands(self) -> list[AppliedCommand]:
         with self._lock:
             return self.sim.applied_commands()
+
+    def object_pose(self) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            return self.sim.object_pose()
 
     def close(self) -> None:
         self.stop()

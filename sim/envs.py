@@ -63,6 +63,14 @@ def make_task(cfg, num_envs: int = 1, nthread: int = 1):
     return cls(cfg, num_envs=num_envs, nthread=nthread)
 
 
+def task_world(cfg, seed: int | None = None):
+    """The task's world for the emulated firmware (sim.emulated_firmware.World: its objects placed
+    as the task draws them from `seed`, and its goal), or None where the robot works alone."""
+    import importlib
+    make = getattr(importlib.import_module(f"sim.tasks.{cfg.name}"), "world", None)
+    return None if make is None else make(cfg, np.random.default_rng(seed))
+
+
 class TaskEnv(gym.Env):
     """One environment of a task (the gymnasium.Env API). Privileged critic observations are in
     info['critic_obs']; energy and tracking figures in info as well."""

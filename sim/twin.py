@@ -103,6 +103,19 @@ def joint_indices(model: mujoco.MjModel, spec: RobotSpec) -> tuple[np.ndarray, n
     return qadr, dadr, aids
 
 
+def apply_joint_equalities(model: mujoco.MjModel, qpos: np.ndarray) -> None:
+    """Move every joint that an active joint equality couples to another to where the equality
+    holds: y - y0 = c0 + c1 d + ... + c4 d^4 with d = x - x0 (a gripper's mimic finger follows the
+    driven one), so a pose set on the robot's joints starts the simulation without a snap."""
+    for e in range(model.neq):
+        if model.eq_type[e] != mujoco.mjtEq.mjEQ_JOINT or not model.eq_active0[e]:
+            continue
+        y, x = model.eq_obj1id[e], model.eq_obj2id[e]
+        ya = model.jnt_qposadr[y]
+        d = 0.0 if x < 0 else qpos[model.jnt_qposadr[x]] - model.qpos0[model.jnt_qposadr[x]]
+        qpos[ya] = model.qpos0[ya] + np.polyval(model.eq_data[e][4::-1], d)
+
+
 def set_pd_gains(model: mujoco.MjModel, actuator_ids: np.ndarray, kp: np.ndarray, kd: np.ndarray) -> None:
     """Position-actuator gains in place: gain = kp; bias = [0, -kp, -kd]."""
     model.actuator_gainprm[actuator_ids, 0] = kp

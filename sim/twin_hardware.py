@@ -14,22 +14,20 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import mujoco
-
 from firmware_bridge import Mode
 from firmware_bridge.protocol import SEQ_MASK
 from real.hardware import HardwareInterface, HardwareState, JointCommand, check_joint_count
 from real.robot_spec import RobotSpec
-from sim.emulated_firmware import FirmwareConfig, SimulatedFirmware
+from sim.emulated_firmware import FirmwareConfig, SimulatedFirmware, World
 
 
 class TwinHardware(HardwareInterface):
     def __init__(self, spec: RobotSpec, config: FirmwareConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic, scene: Callable[[mujoco.MjSpec], None] | None = None):
+                 clock: Callable[[], float] = time.monotonic, world: World | None = None):
         """clock stamps each state (HardwareState.stamp_s); pass the sim time for stamps that
-        do not depend on the machine. scene: objects to add to the twin (SimulatedFirmware)."""
+        do not depend on the machine. world: what the robot works on (SimulatedFirmware)."""
         self.spec = spec
-        self.sim = SimulatedFirmware(spec, config, scene)  # ground truth: .base_state(), .applied_commands()
+        self.sim = SimulatedFirmware(spec, config, world)  # ground truth: .base_state(), .applied_commands()
         self._clock = clock
         self._seq = 0
         self._state = HardwareState.from_msg(self.sim.state(), clock(), spec)

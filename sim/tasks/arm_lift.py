@@ -22,7 +22,8 @@ from real.observations import ObsLayout, RobotState
 from real.robot_spec import load_robot
 from sim.batched import BatchedSim
 from sim.randomization import Randomization, Randomizer
-from sim.twin import add_floor, joint_indices, kinematic_chain, robot_spec_editable
+from sim.emulated_firmware import World
+from sim.twin import add_floor, apply_joint_equalities, joint_indices, kinematic_chain, robot_spec_editable
 
 REWARD_MODES = ("sparse", "dense")
 ACTION_TYPES = ("delta", "absolute")
@@ -90,8 +91,7 @@ class ArmLiftConfig:
 
 
 def add_cube(mj: mujoco.MjSpec, c: CubeConfig) -> None:
-    """The task's cube, a free body named "cube" (also what the emulated firmware's scene adds
-    for a robot-side test of a tabletop policy)."""
+    """The task's cube, a free body named "cube" (also in the emulated firmware's world, `cube_world`)."""
     cube = mj.worldbody.add_body(name="cube")
     cube.add_freejoint(name="cube")
     # priority: the cube's friction governs its contacts with the table and the fingers alike,
@@ -99,6 +99,25 @@ def add_cube(mj: mujoco.MjSpec, c: CubeConfig) -> None:
     cube.add_geom(name="cube", type=mujoco.mjtGeom.mjGEOM_BOX, size=[c.size / 2] * 3, mass=c.mass,
                   friction=[c.friction, 0.01, 0.001], condim=4, priority=1, contype=1, conaffinity=3,
                   rgba=[0.85, 0.25, 0.2, 1])
+
+
+def cube_pose(c: CubeConfig, rng: np.random.Generator) -> np.ndarray:
+    """A cube placement as the task draws it: resting on the table, (x, y, z, quaternion w first)."""
+    x, y = rng.uniform(*c.x), rng.uniform(*c.y)
+    yaw = rng.uniform(*c.yaw)
+    return np.array([x, y, c.size / 2, np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)])
+
+
+def cube_world(c: CubeConfig, pose: np.ndarray, goal: np.ndarray | None = None) -> World:
+    """The emulated firmware's world for a cube task: the cube, placed at `pose`, is what perception reports."""
+    def place(model: mujoco.MjModel, data: mujoco.MjData) -> None:
+        adr = model.joint("cube").qposadr[0]
+        data.qpos[adr:adr + 7] = pose
+    return World(add=lambda mj: add_cube(mj, c), place=place, tracked_body="cube", goal=goal)
+
+
+def world(cfg: ArmLiftConfig, rng: np.random.Generator) -> World:
+    return cube_world(cfg.cube, cube_pose(cfg.cube, rng))
 
 
 # ---- observation terms ----
@@ -247,10 +266,8 @@ class ArmLift:
             q[arm] += rng.uniform(-0.05, 0.05, arm.sum())
             qpos = self.model.qpos0.copy()
             qpos[self.qadr] = q
-            qpos[self.mimic_qadr] = q[self.gripper]
-            qpos[self.cube_qadr:self.cube_qadr + 3] = (rng.uniform(*c.x), rng.uniform(*c.y), c.size / 2)
-            yaw = rng.uniform(*c.yaw)
-            qpos[self.cube_qadr + 3:self.cube_qadr + 7] = (np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))
+            apply_joint_equalities(self.model, qpos)   # the second finger level with the driven one
+            qpos[self.cube_qadr:self.cube_qadr + 7] = cube_pose(c, rng)
             self._read_sensors(i, self.sim.set_state(i, qpos, np.zeros(self.model.nv)))
             self.target[i] = q
         self.action[ids] = 0.0

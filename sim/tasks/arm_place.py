@@ -14,6 +14,7 @@ import numpy as np
 
 from real.observations import TERMS as ROBOT_TERMS
 from real.observations import ObsLayout
+from sim.emulated_firmware import World
 from sim.tasks import arm_lift
 
 # the terms of this task beyond arm_lift's: name -> meaning. target_pos and cube_to_target are
@@ -93,6 +94,22 @@ class ArmPlaceConfig(arm_lift.ArmLiftConfig):
         return REWARDS, OBJECT_TERMS
 
 
+def target_spot(t: TargetConfig, cube_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A target spot on the table as the task draws it: at least min_distance from the cube's start
+    (rejection sampling; the last draw after 100 tries)."""
+    for _ in range(100):
+        xy = np.array([rng.uniform(*t.x), rng.uniform(*t.y)])
+        if np.hypot(*(xy - cube_xy)) >= t.min_distance:
+            break
+    return np.array([xy[0], xy[1], 0.0])
+
+
+def world(cfg: ArmPlaceConfig, rng: np.random.Generator) -> World:
+    """arm_lift's cube, and the target spot as the goal an operator gives."""
+    pose = arm_lift.cube_pose(cfg.cube, rng)
+    return arm_lift.cube_world(cfg.cube, pose, goal=target_spot(cfg.target, pose[:2], rng))
+
+
 class ArmPlace(arm_lift.ArmLift):
     def __init__(self, cfg: ArmPlaceConfig, num_envs: int = 1, nthread: int = 1):
         # arm_lift builds the twin, the cube and the sensors from the terms it knows; the layout
@@ -128,12 +145,7 @@ class ArmPlace(arm_lift.ArmLift):
         t = self.cfg.target
         super().reset(ids)          # robot, cube, randomisation (and a provisional history)
         for i in ids:
-            cube_xy = self.sim.qpos[i, self.cube_qadr:self.cube_qadr + 2]
-            for _ in range(100):    # rejection sampling: far enough from the cube's start
-                xy = (self.rng.uniform(*t.x), self.rng.uniform(*t.y))
-                if np.hypot(xy[0] - cube_xy[0], xy[1] - cube_xy[1]) >= t.min_distance:
-                    break
-            self.target_pos[i] = (xy[0], xy[1], 0.0)
+            self.target_pos[i] = target_spot(t, self.sim.qpos[i, self.cube_qadr:self.cube_qadr + 2], self.rng)
         self.history[ids] = self._frame()[ids][:, None, :]
 
     def _quantities(self, noisy: bool) -> dict:

@@ -15,9 +15,8 @@ from real.controller import Controller, InputError
 from real.kinematics import KinematicChain
 from real.robot_spec import SpecError, load_robot, spec_from_dict
 from real.safety import SafetyFilter
-from real.state_machine import Mode
-from sim.envs import make_task, task_config
-from sim.tasks.arm_lift import add_cube
+from real.state_machine import Mode, TransitionError
+from sim.envs import make_task, task_config, task_world
 from sim.twin import build_twin, joint_indices, kinematic_chain
 from sim.twin_hardware import TwinHardware
 
@@ -61,32 +60,25 @@ def test_robot_side_terms_equal_the_tasks_on_its_rollout():
     assert grip["per_position"] == 2.0 and grip["offset"] == 0.0   # arm7: the second finger mirrors the first
 
 
-def run_episode(artifact, seed: int, ramp_s: float = 0.4, perceive=True, controller_kw=None):
+def run_episode(artifact, seed: int, ramp_s: float = 0.4, perceive=lambda t: True, controller_kw=None):
     """One pick from a cube placement the task would draw; True when the cube was lifted by the
     task's lift_height for its hold_s. Returns (lifted, controller, twin)."""
     spec = load_robot("arm7")
     cfg = task_config(artifact.manifest["task"]["config"])
-    rng = np.random.default_rng(seed)
     clock = {"t": 0.0}
-    twin = TwinHardware(spec, clock=lambda: clock["t"], scene=lambda mj: add_cube(mj, cfg.cube))
-    model, data = twin.sim.model, twin.sim.data
-    cube = model.joint("cube").qposadr[0]
-    yaw = rng.uniform(*cfg.cube.yaw)
-    data.qpos[cube:cube + 7] = (rng.uniform(*cfg.cube.x), rng.uniform(*cfg.cube.y), cfg.cube.size / 2,
-                                np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))
-    # the second finger starts where its joint equality puts it: level with the open driven finger
-    data.qpos[model.joint("gripper_mimic").qposadr[0]] = spec.q_default[spec.joint_names.index("gripper")]
-    mujoco.mj_forward(model, data)
+    twin = TwinHardware(spec, clock=lambda: clock["t"], world=task_world(cfg, seed))
     ctl = Controller(artifact, spec, twin, clock=lambda: clock["t"], ramp_s=ramp_s, **(controller_kw or {}))
+    ctl.set_object_pose(*twin.sim.object_pose())   # perception is up before the operator starts
     ctl.start()
     held, hold = 0, round(cfg.hold_s * spec.control_hz)
     for _ in range(int((ramp_s + cfg.episode_s) * spec.control_hz)):
-        if perceive(clock["t"]) if callable(perceive) else perceive:
-            ctl.set_object_pose(data.qpos[cube:cube + 3].copy(), data.qpos[cube + 3:cube + 7].copy())
+        pos, quat = twin.sim.object_pose()
+        if perceive(clock["t"]):
+            ctl.set_object_pose(pos, quat)
         ctl.tick()
         twin.step()
         clock["t"] += 1.0 / spec.control_hz
-        held = held + 1 if data.qpos[cube + 2] - cfg.cube.size / 2 >= cfg.lift_height else 0
+        held = held + 1 if pos[2] - cfg.cube.size / 2 >= cfg.lift_height else 0
         if held >= hold:
             return True, ctl, twin
     return False, ctl, twin
@@ -116,21 +108,22 @@ def test_stale_perception_damps_the_arm():
     assert any("object pose stale" in r for r in faults), faults
 
 
-def test_a_place_policy_waits_for_its_goal():
-    """arm_place observes the target spot: without set_goal_position the arm damps, saying why."""
+def test_start_waits_for_perception_and_the_goal():
+    """arm_place observes the cube and the target spot: start is refused, saying what is missing,
+    until perception has reported a fresh pose and the operator has given the goal."""
     artifact = load_artifact(ARTIFACTS / "arm_place_resfit.pt")
     spec = load_robot("arm7")
     clock = {"t": 0.0}
-    twin = TwinHardware(spec, clock=lambda: clock["t"])
-    ctl = Controller(artifact, spec, twin, clock=lambda: clock["t"], ramp_s=0.04)
+    ctl = Controller(artifact, spec, TwinHardware(spec), clock=lambda: clock["t"], ramp_s=0.04)
+    for says, then in (("no object pose received yet", lambda: ctl.set_object_pose([0.5, 0, 0.025], [1, 0, 0, 0])),
+                       ("no goal position given yet", lambda: clock.update(t=1.0)),
+                       ("object pose is 1000 ms old", lambda: ctl.set_goal_position([0.4, 0.2, 0.0]))):
+        with pytest.raises(TransitionError, match=says):
+            ctl.start()
+        then()
+    ctl.set_object_pose([0.5, 0, 0.025], [1, 0, 0, 0])
     ctl.start()
-    for _ in range(5):
-        ctl.set_object_pose([0.5, 0.0, 0.025], [1.0, 0.0, 0.0, 0.0])
-        ctl.tick()
-        twin.step()
-        clock["t"] += 1.0 / spec.control_hz
-    assert ctl.mode is Mode.DAMPING
-    assert any("no goal position" in e.reason for _, e in ctl.events)
+    assert ctl.mode is Mode.RAMP
 
 
 def test_what_the_robot_cannot_observe_is_refused_at_construction():

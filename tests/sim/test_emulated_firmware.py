@@ -1,5 +1,6 @@
 """The emulated firmware (the biped's MuJoCo twin behind the firmware protocol) driven by
-FirmwareHardware over real UDP loopback sockets, in lock-step and in real time."""
+FirmwareHardware over real UDP loopback sockets, in lock-step and in real time; and the world a
+task adds to the twin (the tabletop cube, its goal, its pose in the robot's base frame)."""
 import os
 import select
 import signal
@@ -9,13 +10,15 @@ import sys
 import time
 import zlib
 
+import mujoco
 import numpy as np
 import pytest
 
 from firmware_bridge import CommandMsg, Mode, encode
 from real.hardware import FirmwareHardware, JointCommand
 from real.robot_spec import load_robot
-from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig
+from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig, SimulatedFirmware, World
+from sim.envs import task_config, task_world
 
 SPEC = load_robot("kid_biped")
 N = SPEC.n_joints
@@ -291,3 +294,53 @@ def test_a_state_rate_the_firmware_cannot_stream_is_refused_by_name(state_hz, ne
     assert needle in str(e.value)
     del raw["state_hz"]
     assert spec_from_dict(raw).state_hz == SPEC.physics_hz
+
+
+def test_a_tasks_world_is_placed_as_the_task_draws_it():
+    """arm_place's world in the arm's firmware: the cube on the table inside the task's ranges,
+    the goal a target spot far enough from it, both from the seed; the second finger where its
+    joint equality puts it; humanoid_walk has no world."""
+    cfg = task_config("arm_place")
+    arm = load_robot("arm7")
+    poses = []
+    for seed in (4, 4, 5):
+        world = task_world(cfg, seed)
+        fw = SimulatedFirmware(arm, world=world)
+        pos, quat = fw.object_pose()
+        poses.append(pos)
+        assert cfg.cube.x[0] <= pos[0] <= cfg.cube.x[1] and cfg.cube.y[0] <= pos[1] <= cfg.cube.y[1]
+        assert pos[2] == pytest.approx(cfg.cube.size / 2) and quat[1:3] == pytest.approx([0.0, 0.0])
+        goal = world.goal
+        assert cfg.target.x[0] <= goal[0] <= cfg.target.x[1] and cfg.target.y[0] <= goal[1] <= cfg.target.y[1]
+        assert np.hypot(*(goal[:2] - pos[:2])) >= cfg.target.min_distance and goal[2] == 0.0
+        m, d = fw.model, fw.data
+        assert d.qpos[m.joint("gripper_mimic").qposadr[0]] == d.qpos[m.joint("gripper").qposadr[0]] > 0
+    assert np.array_equal(poses[0], poses[1]) and not np.array_equal(poses[0], poses[2])
+    assert task_world(task_config("humanoid_walk"), 0) is None
+    assert SimulatedFirmware(SPEC).object_pose() is None
+
+
+def test_object_pose_is_in_the_robots_base_frame():
+    """A box placed at a known offset from a tilted, turned floating base reads back as that
+    offset and relative rotation, whatever the base's own pose in the world."""
+    offset, rel = np.array([0.3, -0.1, 0.2]), np.array([np.cos(0.2), 0.0, np.sin(0.2), 0.0])
+
+    def add(mj):
+        box = mj.worldbody.add_body(name="box", pos=[2.0, 0.0, 1.0])
+        box.add_freejoint(name="box")
+        box.add_geom(type=mujoco.mjtGeom.mjGEOM_BOX, size=[0.02] * 3, contype=0, conaffinity=0)
+
+    def place(model, data):
+        base = np.array([0.4, -0.3, 0.9])
+        turn = np.array([np.cos(0.6), 0.3 * np.sin(0.6), 0.2 * np.sin(0.6), 0.93 * np.sin(0.6)])
+        turn /= np.linalg.norm(turn)
+        data.qpos[:7] = np.concatenate([base, turn])
+        rot, quat = np.zeros(9), np.zeros(4)
+        mujoco.mju_quat2Mat(rot, turn)
+        mujoco.mju_mulQuat(quat, turn, rel)
+        adr = model.joint("box").qposadr[0]
+        data.qpos[adr:adr + 7] = np.concatenate([base + rot.reshape(3, 3) @ offset, quat])
+
+    fw = SimulatedFirmware(SPEC, world=World(add=add, place=place, tracked_body="box"))
+    pos, quat = fw.object_pose()
+    assert pos == pytest.approx(offset, abs=1e-9) and quat == pytest.approx(rel, abs=1e-9)

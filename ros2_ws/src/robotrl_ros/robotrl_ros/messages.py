@@ -11,6 +11,11 @@ Topics (relative names: a namespace or a remap moves them together; each node al
 | joint_commands        | std_msgs/Float64MultiArray | policy -> bridge | one PD command, see ``command_to_msg``  |
 | firmware_mode_request | std_msgs/UInt8             | policy -> bridge | a firmware_bridge.Mode to ask for       |
 | cmd_vel               | geometry_msgs/Twist        | anyone -> policy | linear.x, linear.y, angular.z           |
+| object_pose           | geometry_msgs/PoseStamped  | perception -> policy | the manipulated object, robot base frame |
+| goal                  | geometry_msgs/PointStamped (latched) | operator -> policy | where the object should go, base frame |
+
+object_pose and goal matter only to tabletop policies (their observation has cube_pos, target_pos,
+...); their header.frame_id must be the robot's base frame and their stamp the measurement time.
 
 A joint command is one Float64MultiArray, so targets and gains always arrive together (two
 topics could pair a new target with old gains): 4 rows (q_target, kp, kd, tau_ff) by n joints,
@@ -23,6 +28,7 @@ import array
 import time
 
 import numpy as np
+from geometry_msgs.msg import PointStamped, PoseStamped
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
@@ -36,6 +42,8 @@ TOPICS = {
     "joint_commands": "joint_commands",
     "firmware_mode_request": "firmware_mode_request",
     "cmd_vel": "cmd_vel",
+    "object_pose": "object_pose",
+    "goal": "goal",
 }
 # High-rate control traffic: only the newest message matters and a lost one is replaced next
 # tick, so no retransmission and no queue (a queue would deliver stale data late).
@@ -102,6 +110,28 @@ def state_to_msgs(state: HardwareState, joint_names, stamp, imu_frame: str,
         for cov in (imu.orientation_covariance, imu.angular_velocity_covariance, imu.linear_acceleration_covariance):
             cov[0] = -1.0
     return js, imu
+
+
+def pose_to_msg(pos, quat_wxyz, stamp, frame_id: str) -> PoseStamped:
+    msg = PoseStamped()
+    msg.header.stamp, msg.header.frame_id = stamp, frame_id
+    p, o = msg.pose.position, msg.pose.orientation
+    p.x, p.y, p.z = (float(v) for v in pos)
+    o.w, o.x, o.y, o.z = (float(v) for v in quat_wxyz)   # robotrl is wxyz inside, ROS is xyzw
+    return msg
+
+
+def pose_arrays(msg: PoseStamped) -> tuple[np.ndarray, np.ndarray]:
+    """(position, quat_wxyz) of a PoseStamped."""
+    p, o = msg.pose.position, msg.pose.orientation
+    return np.array([p.x, p.y, p.z]), np.array([o.w, o.x, o.y, o.z])
+
+
+def point_to_msg(pos, stamp, frame_id: str) -> PointStamped:
+    msg = PointStamped()
+    msg.header.stamp, msg.header.frame_id = stamp, frame_id
+    msg.point.x, msg.point.y, msg.point.z = (float(v) for v in pos)
+    return msg
 
 
 def imu_arrays(msg: Imu) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,12 +7,17 @@ velocity command) or call the controller's thread-safe commands. Hardware, by pa
           firmware_mode_request out; bridge_node (or another driver) on the other side.
   udp     real.hardware.FirmwareHardware: the firmware protocol straight from this process.
 
+A tabletop policy (its observation has cube_pos, target_pos, ...) also subscribes to object_pose
+(perception) and goal (the operator), both in the robot's base frame (`base_frame`); a pose in
+another frame is dropped with a warning. No fresh object pose, or no goal, while running: damping.
+
 Services (std_srvs/Trigger, private: /<node>/start ...): start, damp, estop, reset; a refused
 one answers success=false with the reason. Diagnostics on /diagnostics: loop timing, safety
 state, recent events.
 
 Refuses to start (fatal log, exit 1) on an unknown robot, a missing or corrupt artifact, an
-artifact trained for another robot (the manifest check names the first difference) or rate.
+artifact trained for another robot (the manifest check names the first difference) or rate, or
+one that observes what the robot side cannot build (a camera image).
 """
 from __future__ import annotations
 
@@ -20,19 +25,19 @@ import sys
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import Twist
+from geometry_msgs.msg import PointStamped, PoseStamped, Twist
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from firmware_bridge import Mode as FirmwareMode
 from real.artifact import ArtifactError, ManifestMismatch, load_artifact
-from real.controller import Controller
+from real.controller import Controller, InputError
 from real.hardware import FirmwareHardware
 from real.robot_spec import load_robot
 from real.rt_loop import RateLoop
 from real.state_machine import Mode, TransitionError
 from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, WARN, ConfigError, RobotNode, run, status
-from robotrl_ros.messages import CONTROL_QOS
+from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, local_stamp, pose_arrays
 from robotrl_ros.topic_hardware import TopicHardware
 
 try:
@@ -78,7 +83,11 @@ class PolicyNode(RobotNode):
                 p("bind_port", 9001, "hardware=udp: local UDP port", *BIND_PORT))
         connect_timeout_s = p("connect_timeout_s", 2.0, "hardware=udp: wait this long for the first STATE", *positive)
         topics = self.topic_params(["joint_states", "imu", "firmware_mode", "joint_commands",
-                                    "firmware_mode_request", "cmd_vel"])
+                                    "firmware_mode_request", "cmd_vel", "object_pose", "goal"])
+        max_object_age = p("max_object_age", 0.2, "tabletop policies: an object pose older than this (s) is a "
+                           "fault: damping", *positive)
+        base_frame = p("base_frame", "", "tabletop policies: the frame_id object_pose and goal must carry; "
+                       "empty: the robot's base body")
 
         spec = load_robot(robot)
         if control_hz and abs(control_hz - spec.control_hz) > 1e-9:
@@ -97,8 +106,15 @@ class PolicyNode(RobotNode):
             self.hw.start(timeout_s=connect_timeout_s)  # refuses another protocol version or motor count
         self.spec = spec
         self.controller = Controller(art, spec, self.hw, max_state_age=max_state_age, max_delta=max_delta,
-                                     ramp_s=ramp_s)  # refuses an artifact trained for another robot
+                                     ramp_s=ramp_s, max_object_age=max_object_age)
+        # (the controller refuses an artifact trained for another robot, or one it cannot observe for)
         self.create_subscription(Twist, topics["cmd_vel"], self._on_cmd_vel, CONTROL_QOS)
+        self.base_frame = base_frame or spec.base_body
+        self._wrong_frames: set[str] = set()
+        if "object" in self.controller.inputs:
+            self.create_subscription(PoseStamped, topics["object_pose"], self._on_object_pose, CONTROL_QOS)
+        if "goal" in self.controller.inputs:
+            self.create_subscription(PointStamped, topics["goal"], self._on_goal, LATCHED_QOS)
         for name, action in (("start", self._start), ("damp", lambda: self.controller.damp("damp service")),
                              ("estop", lambda: self.controller.estop("estop service")),
                              ("reset", self.controller.reset)):
@@ -126,6 +142,28 @@ class PolicyNode(RobotNode):
     # ---- executor thread ----
     def _on_cmd_vel(self, msg: Twist) -> None:
         self.controller.set_velocity_command(msg.linear.x, msg.linear.y, msg.angular.z)
+
+    def _in_base_frame(self, msg, topic: str) -> bool:
+        frame = msg.header.frame_id
+        if frame == self.base_frame:
+            return True
+        if frame not in self._wrong_frames:   # once per frame name: perception may send many
+            self._wrong_frames.add(frame)
+            self.get_logger().warning(f"{topic} in frame '{frame}' dropped: this policy needs the robot's base "
+                                      f"frame '{self.base_frame}' (parameter base_frame)")
+        return False
+
+    def _on_object_pose(self, msg: PoseStamped) -> None:
+        if self._in_base_frame(msg, "object_pose"):
+            pos, quat = pose_arrays(msg)
+            now = self.get_clock().now().nanoseconds * 1e-9
+            self.controller.set_object_pose(pos, quat, local_stamp(msg.header, now))
+
+    def _on_goal(self, msg: PointStamped) -> None:
+        if self._in_base_frame(msg, "goal"):
+            p = msg.point
+            self.controller.set_goal_position((p.x, p.y, p.z))
+            self.get_logger().info(f"goal: ({p.x:.3f}, {p.y:.3f}, {p.z:.3f}) m in '{self.base_frame}'")
 
     def _start(self) -> None:
         s = self.controller.last_state
@@ -224,7 +262,7 @@ class PolicyNode(RobotNode):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(PolicyNode, "policy_node", argv, refusals=(ArtifactError, ManifestMismatch))
+    return run(PolicyNode, "policy_node", argv, refusals=(ArtifactError, ManifestMismatch, InputError))
 
 
 if __name__ == "__main__":

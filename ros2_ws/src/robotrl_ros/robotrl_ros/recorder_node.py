@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import Twist
+from geometry_msgs.msg import PointStamped, PoseStamped, Twist
 from mcap.writer import CompressionType
 from mcap_ros2.writer import Writer
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -33,6 +33,8 @@ RECORDED = {
     "joint_commands": (Float64MultiArray, CONTROL_QOS),
     "firmware_mode_request": (UInt8, CONTROL_QOS),
     "cmd_vel": (Twist, CONTROL_QOS),
+    "object_pose": (PoseStamped, CONTROL_QOS),
+    "goal": (PointStamped, LATCHED_QOS),
 }
 assert RECORDED.keys() == TOPICS.keys(), "the recorder records every topic of messages.TOPICS"
 # Many messages may queue between spins at 50 Hz x several topics: keep them all.

@@ -1,0 +1,133 @@
+"""Tabletop policies through the ROS 2 graph of launch/sim.launch.yaml: the emulated firmware
+builds the world the artifact was trained in (its task's cube) and stands in for perception
+(/object_pose) and the operator (/goal); the policy node feeds both to the controller. The test
+process watches the cube on /object_pose, as a person would watch the robot."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from geometry_msgs.msg import PoseStamped
+
+from hil_rig import REPO, TIMING, free_udp_port, wait_for
+from real.artifact import load_artifact
+from real.robot_spec import load_robot
+from robotrl_ros.messages import CONTROL_QOS, pose_arrays, pose_to_msg
+from sim.envs import task_config
+
+ARTIFACTS = REPO / "docs" / "artifacts"
+ARM = load_robot("arm7")
+
+
+class CubeWatch:
+    """The newest cube heights on /object_pose, with their arrival times."""
+
+    def __init__(self, node):
+        self.heights: list[tuple[float, float]] = []
+        self.lock = threading.Lock()
+        node.create_subscription(PoseStamped, "/object_pose", self._on_pose, CONTROL_QOS)
+
+    def _on_pose(self, msg):
+        with self.lock:
+            self.heights.append((time.monotonic(), float(pose_arrays(msg)[0][2])))
+
+    def since(self, t0: float) -> np.ndarray:
+        with self.lock:
+            return np.array([z for t, z in self.heights if t >= t0])
+
+
+def arm_graph(hil, artifact, tmp_path, **args):
+    log = tmp_path / "applied.npz"
+    hil.graph("sim.launch.yaml", robot="arm7", artifact=artifact, firmware_port=free_udp_port(),
+              bridge_port=free_udp_port(), firmware_log=log, ramp_s=0.4, firmware_watchdog_ms=400.0,
+              **{**TIMING, "max_object_age": 0.5, **args})
+    return log
+
+
+def check_applied(log) -> None:
+    """Every command the arm's firmware applied was finite and inside the joint limits."""
+    applied = np.load(log)
+    q = applied["q_target"]
+    assert len(q) > 0 and np.isfinite(q).all()
+    assert (q >= ARM.q_lower - 1e-5).all() and (q <= ARM.q_upper + 1e-5).all()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
+    """arm_lift_resfit lifts the cube by the task's lift_height and holds it, within its episode
+    time, with the cube's pose travelling firmware -> /object_pose -> policy at 30 Hz."""
+    artifact = ARTIFACTS / f"arm_lift_resfit{suffix}"
+    cfg = task_config(load_artifact(artifact).manifest["task"]["config"])
+    log = arm_graph(hil, artifact, tmp_path, world_seed=1)
+    watch = CubeWatch(hil.ros.node)
+    hil.start()
+    hil.expect_policy("RUNNING", timeout=5.0)
+    t0 = time.monotonic()
+    lifted = cfg.cube.size / 2 + cfg.lift_height
+
+    def held() -> bool:   # lifted in every pose of the last hold_s (at least two poses)
+        z, n = watch.since(t0), max(2, round(cfg.hold_s * 30))
+        return len(z) >= n and bool((z[-n:] >= lifted).all())
+    wait_for(held, cfg.episode_s + 2.0, f"the cube to be lifted by {cfg.lift_height} m", hil.output)
+    assert hil.policy() == "RUNNING"
+    assert len(watch.since(t0)) > 0.5 * 30 * (time.monotonic() - t0), "object_pose arrives at its rate"
+    for graph, _ in hil.graphs:
+        graph.stop()
+    check_applied(log)
+
+
+def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
+    """With the world's perception off, this test is the camera. Before its first pose, start is
+    refused, saying why; while it publishes, the arm runs; when it stops, the arm damps."""
+    log = arm_graph(hil, ARTIFACTS / "arm_lift_resfit.pt", tmp_path, object_pose_hz=0.0)
+    def refusal():   # once the robot state flows, what is missing is the object
+        response = hil.ros.call("/policy/start", timeout=30.0)
+        return "no object pose received yet" in response.message and response
+    assert not wait_for(refusal, 40.0, "start to be refused for want of perception", hil.output).success
+    node, seeing = hil.ros.node, threading.Event()
+    camera = node.create_publisher(PoseStamped, "/object_pose", CONTROL_QOS)
+    seeing.set()
+
+    def publish():
+        while seeing.is_set():
+            camera.publish(pose_to_msg([0.5, 0.0, 0.025], [1.0, 0.0, 0.0, 0.0], node.get_clock().now().to_msg(),
+                                       ARM.base_body))
+            time.sleep(1 / 30)
+    threading.Thread(target=publish, daemon=True).start()
+    try:
+        hil.start()
+        hil.expect_policy("RUNNING", timeout=5.0)
+        time.sleep(0.5)
+        assert hil.policy() == "RUNNING", hil.policy("fault")
+    finally:
+        seeing.clear()
+    hil.expect_policy("DAMPING", fault="object pose stale", timeout=5.0)
+    for graph, _ in hil.graphs:
+        graph.stop()
+    check_applied(log)
+
+
+def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp_path):
+    """arm_place needs the goal: the firmware's world publishes its target spot (latched), the
+    policy logs it and runs. A pose in a frame other than the base's is dropped, named in a warning."""
+    arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2)
+    hil.start()
+    hil.expect_policy("RUNNING", timeout=5.0)
+    time.sleep(1.0)
+    assert hil.policy() == "RUNNING", hil.policy("fault")
+    assert "[policy] " in hil.output() and "goal: (" in hil.output()
+    camera = hil.ros.node.create_publisher(PoseStamped, "/object_pose", CONTROL_QOS)
+    msg = pose_to_msg([0.5, 0.0, 0.025], [1.0, 0.0, 0.0, 0.0], hil.ros.node.get_clock().now().to_msg(), "camera")
+    wait_for(lambda: camera.publish(msg) or "object_pose in frame 'camera' dropped" in hil.output(), 10.0,
+             "the policy to drop a pose in the camera frame", hil.output)
+    assert f"needs the robot's base frame '{ARM.base_body}'" in hil.output()
+
+
+def test_pose_messages_carry_ros_quaternion_order():
+    """Inside robotrl a quaternion is (w, x, y, z); on the wire, geometry_msgs' (x, y, z, w)."""
+    from builtin_interfaces.msg import Time
+    msg = pose_to_msg([1.0, 2.0, 3.0], [0.9, 0.1, 0.2, 0.3], Time(sec=4), "base")
+    o = msg.pose.orientation
+    assert (o.x, o.y, o.z, o.w) == (0.1, 0.2, 0.3, 0.9) and msg.header.frame_id == "base"
+    pos, quat = pose_arrays(msg)
+    assert pos.tolist() == [1.0, 2.0, 3.0] and quat.tolist() == [0.9, 0.1, 0.2, 0.3]
