@@ -5,7 +5,8 @@ Reads the MCAP with mcap_ros2's decoder and writes into out/ (default: next to t
 <name>_report/): tracking.png (velocity command; joint target vs measured position for a few
 joints), torques.png, energy.png (mechanical power sum_j |tau_j * dq_j| and its integral),
 timing.png (the policy's control-loop diagnostics: period, lateness, compute, overruns),
-safety.png (policy and firmware modes over time, with events), and summary.json.
+safety.png (policy and firmware modes over time, with events), for a tabletop run object.png
+(the object's position from /object_pose, and the goal), and summary.json.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def load(path: str | Path) -> dict:
     js_t, js_q, js_dq, js_tau, joint_names = [], [], [], [], None
     cmd_t, cmd_q, cmd_names = [], [], None
     vel_t, vel = [], []
+    obj_t, obj, goal = [], [], None
     loop_t, loop = [], defaultdict(list)
     modes, fw_modes, events, seen_events = [], [], [], set()
     t0 = None
@@ -66,6 +68,12 @@ def load(path: str | Path) -> dict:
         elif key == "cmd_vel":
             vel_t.append(t)
             vel.append([msg.linear.x, msg.linear.y, msg.angular.z])
+        elif key == "object_pose":
+            obj_t.append(t)
+            p = msg.pose.position
+            obj.append([p.x, p.y, p.z])
+        elif key == "goal":
+            goal = [msg.point.x, msg.point.y, msg.point.z]
         elif key == "firmware_mode":
             fw_modes.append((t, _firmware_mode_name(msg.data)))
         elif key == "diagnostics":
@@ -89,6 +97,7 @@ def load(path: str | Path) -> dict:
             "js_t": arr(js_t), "q": arr(js_q), "dq": arr(js_dq), "tau": arr(js_tau), "joint_names": joint_names or [],
             "cmd_t": arr(cmd_t), "q_target": arr(cmd_q), "cmd_names": cmd_names,
             "vel_t": arr(vel_t), "vel": arr(vel).reshape(-1, 3),
+            "object_t": arr(obj_t), "object": arr(obj).reshape(-1, 3), "goal": goal,
             "loop_t": arr(loop_t), "loop": {k: arr(v) for k, v in loop.items()},
             "modes": modes, "firmware_modes": fw_modes, "events": events}
 
@@ -103,7 +112,7 @@ def summarize(d: dict) -> dict:
     has_js = tau.ndim == 2 and tau.shape[0] > 0 and tau.shape == dq.shape
     power = np.abs(tau * dq).sum(axis=1) if has_js else np.zeros(0)
     energy = float(np.trapezoid(power, t)) if len(power) > 1 else 0.0
-    loop = d["loop"]
+    loop, obj = d["loop"], d["object"]
     last = {k: _finite(v[-1]) for k, v in loop.items() if len(v)}
     return {
         "duration_s": round(d["duration_s"], 3),
@@ -119,6 +128,10 @@ def summarize(d: dict) -> dict:
         "policy_modes": [{"t": round(t, 3), "mode": m} for t, m in d["modes"]],
         "firmware_modes": [{"t": round(t, 3), "mode": m} for t, m in d["firmware_modes"]],
         "safety_events": [{"t": round(t, 3), "event": e} for t, e in d["events"]],
+        # tabletop runs: how high the object rose above where it was first seen, how far it ended from the goal
+        "object_rise_max_m": float(obj[:, 2].max() - obj[0, 2]) if len(obj) else None,
+        "object_goal_distance_m": (float(np.linalg.norm(obj[-1, :2] - np.asarray(d["goal"][:2])))
+                                   if len(obj) and d["goal"] is not None else None),
     }
 
 
@@ -199,6 +212,16 @@ def _plots(d: dict, out: Path) -> list[Path]:
         ax.annotate(e[:40], (t, 0), fontsize=6, rotation=90, va="bottom")
     ax.set(xlabel="time (s)", title="modes and safety events")
     save(fig, "safety.png")
+
+    if len(d["object_t"]):
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        for i, axis in enumerate("xyz"):
+            line, = ax.plot(d["object_t"], d["object"][:, i], label=f"object {axis}")
+            if d["goal"] is not None:
+                ax.axhline(d["goal"][i], color=line.get_color(), ls="--", lw=0.8, label=f"goal {axis}")
+        ax.legend(loc="upper right", fontsize=8, ncol=2)
+        ax.set(xlabel="time (s)", ylabel="position in the base frame (m)", title="object (/object_pose)")
+        save(fig, "object.png")
     return written
 
 
@@ -223,5 +246,9 @@ def report(recording: str | Path, out: str | Path | None = None) -> dict:
     print("  policy modes: " + (" -> ".join(m["mode"] for m in summary["policy_modes"]) or "none"))
     print(f"  safety events: {len(summary['safety_events'])}" +
           "".join(f"\n    {e['t']:.2f} s  {e['event']}" for e in summary["safety_events"]))
+    if summary["object_rise_max_m"] is not None:
+        print(f"  object: rose up to {summary['object_rise_max_m'] * 100:.1f} cm" +
+              ("" if summary["object_goal_distance_m"] is None else
+               f", ended {summary['object_goal_distance_m'] * 100:.1f} cm from the goal"))
     print(f"  wrote {', '.join(summary['plots'])}, summary.json to {out}")
     return summary

@@ -12,6 +12,7 @@ from geometry_msgs.msg import PoseStamped
 from hil_rig import REPO, TIMING, free_udp_port, wait_for
 from real.artifact import load_artifact
 from real.robot_spec import load_robot
+from robotrl.report import report
 from robotrl_ros.messages import CONTROL_QOS, pose_arrays, pose_to_msg
 from sim.envs import task_config
 
@@ -37,10 +38,15 @@ class CubeWatch:
 
 
 def arm_graph(hil, artifact, tmp_path, **args):
+    """launch/sim.launch.yaml for arm7, started and settled: state has been flowing to the policy
+    for a second (five processes starting on two cores stall each other at first)."""
     log = tmp_path / "applied.npz"
     hil.graph("sim.launch.yaml", robot="arm7", artifact=artifact, firmware_port=free_udp_port(),
               bridge_port=free_udp_port(), firmware_log=log, ramp_s=0.4, firmware_watchdog_ms=400.0,
               **{**TIMING, "max_object_age": 0.5, **args})
+    wait_for(lambda: float(hil.policy("state_age_ms") or "inf") < 100.0, 40.0, "robot state at the policy",
+             hil.output)
+    time.sleep(1.0)
     return log
 
 
@@ -58,7 +64,8 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     time, with the cube's pose travelling firmware -> /object_pose -> policy at 30 Hz."""
     artifact = ARTIFACTS / f"arm_lift_resfit{suffix}"
     cfg = task_config(load_artifact(artifact).manifest["task"]["config"])
-    log = arm_graph(hil, artifact, tmp_path, world_seed=1)
+    recording = tmp_path / "arm.mcap"
+    log = arm_graph(hil, artifact, tmp_path, world_seed=1, record=recording)
     watch = CubeWatch(hil.ros.node)
     hil.start()
     hil.expect_policy("RUNNING", timeout=5.0)
@@ -74,6 +81,10 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     for graph, _ in hil.graphs:
         graph.stop()
     check_applied(log)
+    # the recording shows it too: robotrl report plots the cube and says how high it rose
+    summary = report(recording, tmp_path / "report")
+    assert "object.png" in summary["plots"] and summary["messages"]["/object_pose"] > 30
+    assert summary["object_rise_max_m"] >= cfg.lift_height and summary["object_goal_distance_m"] is None
 
 
 def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
@@ -110,7 +121,8 @@ def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
 def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp_path):
     """arm_place needs the goal: the firmware's world publishes its target spot (latched), the
     policy logs it and runs. A pose in a frame other than the base's is dropped, named in a warning."""
-    arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2)
+    recording = tmp_path / "place.mcap"
+    arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2, record=recording)
     hil.start()
     hil.expect_policy("RUNNING", timeout=5.0)
     time.sleep(1.0)
@@ -121,6 +133,10 @@ def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp
     wait_for(lambda: camera.publish(msg) or "object_pose in frame 'camera' dropped" in hil.output(), 10.0,
              "the policy to drop a pose in the camera frame", hil.output)
     assert f"needs the robot's base frame '{ARM.base_body}'" in hil.output()
+    for graph, _ in hil.graphs:
+        graph.stop()
+    summary = report(recording, tmp_path / "report")   # the latched goal was recorded, once
+    assert summary["messages"]["/goal"] == 1 and 0 <= summary["object_goal_distance_m"] < 1.0
 
 
 def test_pose_messages_carry_ros_quaternion_order():

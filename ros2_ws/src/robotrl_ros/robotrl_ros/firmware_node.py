@@ -14,9 +14,8 @@ base frame, `object_pose_hz`) and the task's target spot, if it has one, on goal
 from __future__ import annotations
 
 from diagnostic_msgs.msg import DiagnosticArray
-from std_msgs.msg import Header
-
 from geometry_msgs.msg import PointStamped, PoseStamped
+from std_msgs.msg import Header
 
 from firmware_bridge import Mode
 from real.artifact import ArtifactError, load_artifact

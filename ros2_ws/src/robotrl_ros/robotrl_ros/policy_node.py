@@ -9,7 +9,8 @@ velocity command) or call the controller's thread-safe commands. Hardware, by pa
 
 A tabletop policy (its observation has cube_pos, target_pos, ...) also subscribes to object_pose
 (perception) and goal (the operator), both in the robot's base frame (`base_frame`); a pose in
-another frame is dropped with a warning. No fresh object pose, or no goal, while running: damping.
+another frame is dropped with a warning. Start is refused until both are there; an object pose
+going stale while running (older than `max_object_age`): damping.
 
 Services (std_srvs/Trigger, private: /<node>/start ...): start, damp, estop, reset; a refused
 one answers success=false with the reason. Diagnostics on /diagnostics: loop timing, safety
