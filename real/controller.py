@@ -84,6 +84,11 @@ class Controller:
         with self._command_lock:
             self._command = np.array([vx, vy, yaw_rate], dtype=np.float64)
 
+    @property
+    def velocity_command(self) -> np.ndarray:
+        with self._command_lock:
+            return self._command.copy()
+
     def set_object_pose(self, pos, quat_wxyz, stamp_s: float | None = None) -> None:
         """The manipulated object's pose in the robot base frame (perception); stamp_s on this
         controller's clock, default now."""

@@ -28,7 +28,10 @@ commands:
   report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
   report  <recording.mcap> [out=<dir>]               plots + summary.json of a ROS 2 recording (deploy record:=)
   bench   sim|infer [--json <file>]                  throughput and latency figures
-  deploy  <launch file> [name:=value ...]            run a ROS 2 launch file's node graph (--print, --show-args)
+  deploy  <launch file> [name:=value ...]            run a ROS 2 launch file's node graph (--print, --show-args,
+                                                     --start: call the policy's start once it is ready)
+  operate start|damp|estop|reset | cmd_vel=[vx,vy,wz] | goal=[x,y,z] robot=…
+                                                     operate a running graph (ROS_DOMAIN_ID as it was started)
 """
 
 
@@ -160,6 +163,28 @@ def cmd_bench(args: list[str]) -> None:
     bench_main(args)
 
 
+def cmd_operate(args: list[str]) -> None:
+    from robotrl.compare import parse_list
+    from robotrl.operate import ACTIONS, call, publish
+    action = args[0] if args and "=" not in args[0] else None
+    opts, _ = parse_pairs(args[1:] if action else args, {"node": "policy", "wait": "10", "cmd_vel": None,
+                                                         "goal": None, "robot": None})
+    wait_s = float(opts["wait"])
+    if action:
+        print(call(action, opts["node"], wait_s))
+    elif opts["cmd_vel"]:
+        print(publish("cmd_vel", [float(v) for v in parse_list(opts["cmd_vel"])], node_name=opts["node"],
+                      wait_s=wait_s))
+    elif opts["goal"]:
+        if not opts["robot"]:
+            raise UsageError("goal needs robot=<name>: the goal is in that robot's base frame")
+        from real.robot_spec import load_robot
+        frame = load_robot(opts["robot"]).base_body
+        print(publish("goal", [float(v) for v in parse_list(opts["goal"])], frame, opts["node"], wait_s))
+    else:
+        raise UsageError(f"operate needs one of {', '.join(ACTIONS)}, cmd_vel=[vx,vy,wz] or goal=[x,y,z]")
+
+
 def cmd_deploy(args: list[str]) -> None:
     from robotrl.deploy import main as deploy_main
     code = deploy_main(args)
@@ -168,7 +193,8 @@ def cmd_deploy(args: list[str]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
-            "deploy": cmd_deploy, "demos": cmd_demos, "compare": cmd_compare, "report": cmd_report}
+            "deploy": cmd_deploy, "operate": cmd_operate, "demos": cmd_demos, "compare": cmd_compare,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

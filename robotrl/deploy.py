@@ -33,10 +33,13 @@ from pathlib import Path
 import yaml
 
 REPO_LAUNCH_DIR = Path(__file__).resolve().parents[1] / "launch"
-USAGE = """usage: robotrl deploy <launch file> [name:=value ...] [--print] [--show-args]
+USAGE = """usage: robotrl deploy <launch file> [name:=value ...] [--start] [--print] [--show-args]
 
+  --start       call the policy node's start service once it accepts it (robot state, and for a
+                tabletop policy perception and the goal, have arrived); else: robotrl operate start
   --print       print each node's command line and exit
   --show-args   list the launch file's arguments and exit"""
+START_TIMEOUT_S = 120.0   # --start: node start-up (torch, MuJoCo) and DDS discovery on a slow machine
 NODE_KEYS = {"pkg", "exec", "name", "namespace", "param", "remap", "args", "output", "if", "unless"}
 SUBSTITUTION = re.compile(r"\$\(\s*([\w-]+)\s*([^)]*)\)")
 
@@ -293,13 +296,16 @@ class Graph:
             t.join(1.0)
         return {name: proc.returncode for name, proc in self.procs.items()}
 
-    def run(self) -> int:
-        """Start, then supervise until Ctrl-C / SIGTERM or until a node exits; stop all.
-        Exit code: 0 after a clean stop, else the first failing node's code (1 if it was 0)."""
+    def run(self, after_start=None) -> int:
+        """Start (then run `after_start` in a thread of its own), supervise until Ctrl-C / SIGTERM
+        or until a node exits; stop all. Exit code: 0 after a clean stop, else the first failing
+        node's code (1 if it was 0)."""
         previous = signal.signal(signal.SIGTERM, _interrupt)
         died = None
         try:
             self.start()
+            if after_start is not None:
+                threading.Thread(target=after_start, daemon=True).start()
             while (died := self.exited()) is None:
                 time.sleep(0.1)
             self.say("deploy", f"{died[0]} exited with code {died[1]}: stopping the graph")
@@ -335,7 +341,7 @@ def main(argv: list[str]) -> int:
     if "--help" in flags or not rest:
         print(USAGE)
         return 0 if "--help" in flags else 2
-    unknown_flags = flags - {"--print", "--show-args", "--help"}
+    unknown_flags = flags - {"--print", "--show-args", "--help", "--start"}
     if unknown_flags:
         raise LaunchFileError(f"unknown option(s) {sorted(unknown_flags)}\n{USAGE}")
     path = resolve_path(rest[0])
@@ -355,4 +361,16 @@ def main(argv: list[str]) -> int:
         for n in nodes:
             print(f"[{n.name}] {shlex.join(n.command())}")
         return 0
-    return Graph(nodes).run()
+    graph = Graph(nodes)
+    if "--start" not in flags:
+        return graph.run()
+    policy = next((n for n in nodes if n.exec == "policy_node"), None)
+    if policy is None:
+        raise LaunchFileError(f"--start: {path} starts no policy_node")
+    name = "/".join(part for part in (policy.namespace.strip("/"), policy.name) if part)
+
+    def start():
+        from robotrl.operate import start_when_ready
+        if not start_when_ready(name, START_TIMEOUT_S, lambda line: graph.say("deploy", f"start: {line}")):
+            graph.say("deploy", f"start: not accepted within {START_TIMEOUT_S:.0f} s")
+    return graph.run(after_start=start)

@@ -9,6 +9,7 @@ import time
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 
@@ -17,7 +18,10 @@ class RosClient:
 
     def __init__(self, domain_id: int, name: str = "robotrl_client"):
         self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
+        # No arguments (not this process's argv: `robotrl deploy`'s name:=value would read as remaps)
+        # and no signal handlers: Ctrl-C stays the host program's KeyboardInterrupt.
+        rclpy.init(args=[], context=self.context, domain_id=domain_id,
+                   signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)

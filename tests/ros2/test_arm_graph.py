@@ -2,6 +2,9 @@
 builds the world the artifact was trained in (its task's cube) and stands in for perception
 (/object_pose) and the operator (/goal); the policy node feeds both to the controller. The test
 process watches the cube on /object_pose, as a person would watch the robot."""
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -50,6 +53,12 @@ def arm_graph(hil, artifact, tmp_path, **args):
     return log
 
 
+def operate(*args) -> subprocess.CompletedProcess:
+    """`robotrl operate …` in a process of its own, in this test's ROS domain."""
+    return subprocess.run([sys.executable, "-m", "robotrl.cli", "operate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
 def check_applied(log) -> None:
     """Every command the arm's firmware applied was finite and inside the joint limits."""
     applied = np.load(log)
@@ -64,8 +73,7 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     time, with the cube's pose travelling firmware -> /object_pose -> policy at 30 Hz."""
     artifact = ARTIFACTS / f"arm_lift_resfit{suffix}"
     cfg = task_config(load_artifact(artifact).manifest["task"]["config"])
-    recording = tmp_path / "arm.mcap"
-    log = arm_graph(hil, artifact, tmp_path, world_seed=1, record=recording)
+    log = arm_graph(hil, artifact, tmp_path, world_seed=1)
     watch = CubeWatch(hil.ros.node)
     hil.start()
     hil.expect_policy("RUNNING", timeout=5.0)
@@ -81,10 +89,46 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     for graph, _ in hil.graphs:
         graph.stop()
     check_applied(log)
-    # the recording shows it too: robotrl report plots the cube and says how high it rose
+
+
+def test_operate_the_arm_from_the_command_line(hil, tmp_path):
+    """Where the ros2 CLI is missing, the robotrl CLI runs the whole session: `deploy --start`
+    starts the arm once perception is there, `operate` sends a command and damps, resets and
+    starts it again (a refusal exits 2 saying why), and the recording's report shows the lift."""
+    artifact = ARTIFACTS / "arm_lift_resfit.pt"
+    cfg = task_config(load_artifact(artifact).manifest["task"]["config"])
+    recording, out = tmp_path / "arm.mcap", tmp_path / "deploy.log"
+    cmd = [sys.executable, "-m", "robotrl.cli", "deploy", "launch/sim.launch.yaml", "robot:=arm7",
+           f"artifact:={artifact}", f"record:={recording}", f"firmware_port:={free_udp_port()}",
+           f"bridge_port:={free_udp_port()}", "ramp_s:=0.4", "firmware_watchdog_ms:=400.0", "world_seed:=4",
+           *(f"{k}:={v}" for k, v in TIMING.items()), "--start"]
+    watch = CubeWatch(hil.ros.node)
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: "[deploy] start: start: mode RAMP" in out.read_text(), 60.0, "deploy --start", out.read_text)
+        t0 = time.monotonic()
+        wait_for(lambda: (watch.since(t0) >= cfg.cube.size / 2 + cfg.lift_height).any(), cfg.episode_s + 3.0,
+                 "the cube to rise", out.read_text)
+        sent = operate("cmd_vel=[0.2,0,0]")
+        assert sent.returncode == 0 and "cmd_vel [0.2, 0.0, 0.0] sent" in sent.stdout, sent
+        wait_for(lambda: hil.policy("velocity_command") == "0.200, 0.000, 0.000", 5.0, "the policy to hold the "
+                 "command", lambda: str(hil.ros.status.get("policy: safety")))
+        assert operate("damp").stdout.strip() == "damp: mode DAMPING"
+        refused = operate("start")
+        assert refused.returncode == 2 and "'start' refused in DAMPING; allowed in IDLE" in refused.stderr, refused
+        assert operate("reset").stdout.strip() == "reset: mode IDLE"
+        assert operate("start").stdout.strip() == "start: mode RAMP"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+        print(out.read_text())
+    assert code == 0 and "[deploy] stopped: recorder 0, firmware 0, bridge 0, policy 0" in out.read_text()
     summary = report(recording, tmp_path / "report")
     assert "object.png" in summary["plots"] and summary["messages"]["/object_pose"] > 30
     assert summary["object_rise_max_m"] >= cfg.lift_height and summary["object_goal_distance_m"] is None
+    modes = [m["mode"] for m in summary["policy_modes"]]
+    assert "DAMPING" in modes and "IDLE" in modes[modes.index("DAMPING"):], modes   # damp, then reset
 
 
 def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
@@ -120,7 +164,8 @@ def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
 
 def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp_path):
     """arm_place needs the goal: the firmware's world publishes its target spot (latched), the
-    policy logs it and runs. A pose in a frame other than the base's is dropped, named in a warning."""
+    policy logs it and runs; `robotrl operate goal=…` moves it. A pose in a frame other than the
+    base's is dropped, named in a warning."""
     recording = tmp_path / "place.mcap"
     arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2, record=recording)
     hil.start()
@@ -133,10 +178,14 @@ def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp
     wait_for(lambda: camera.publish(msg) or "object_pose in frame 'camera' dropped" in hil.output(), 10.0,
              "the policy to drop a pose in the camera frame", hil.output)
     assert f"needs the robot's base frame '{ARM.base_body}'" in hil.output()
+    moved = operate("goal=[0.4,0.1,0]", "robot=arm7")   # the operator moves the goal
+    assert moved.returncode == 0 and f"goal [0.4, 0.1, 0.0] sent in frame '{ARM.base_body}'" in moved.stdout, moved
+    wait_for(lambda: "goal: (0.400, 0.100, 0.000) m" in hil.output(), 10.0, "the policy to take the new goal",
+             hil.output)
     for graph, _ in hil.graphs:
         graph.stop()
-    summary = report(recording, tmp_path / "report")   # the latched goal was recorded, once
-    assert summary["messages"]["/goal"] == 1 and 0 <= summary["object_goal_distance_m"] < 1.0
+    summary = report(recording, tmp_path / "report")   # both latched goals were recorded
+    assert summary["messages"]["/goal"] == 2 and 0 <= summary["object_goal_distance_m"] < 1.0
 
 
 def test_pose_messages_carry_ros_quaternion_order():

@@ -238,6 +238,7 @@ class PolicyNode(RobotNode):
                             "firmware_mode": FirmwareMode(s.firmware_mode).name if s else "unknown",
                             "state_age_ms": f"{(time.monotonic() - s.stamp_s) * 1e3:.1f}" if s else "inf",
                             "clamps_since_last": clamps,
+                            "velocity_command": ", ".join(f"{v:.3f}" for v in self.controller.velocity_command),
                             **{f"event_{i}": f"{e.kind}: {e.reason}" for i, (_, e) in enumerate(recent)}})
         self._diagnostics.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                                   status=[loop_status, safety]))
