@@ -147,3 +147,20 @@ def test_bridge_refuses_firmware_of_another_protocol_version(hil):
         firmware.close()
     assert code == 1
     assert "refusing to run: the other end speaks firmware protocol v2, this bridge speaks v1" in hil.output()
+
+
+def test_operate_says_what_is_wrong(hil, capsys, monkeypatch):
+    """`robotrl operate` with no graph in the domain (the hil fixture's own), or a wrong request:
+    exit 2 and the reason."""
+    cases = {("start", "wait=1"): "no answer from /policy/start within 1 s (is the graph running, in ROS_DOMAIN_ID",
+             ("jump",): "unknown action 'jump'; the policy node offers: start, damp, estop, reset",
+             ("goal=[0.4,0.1,0]",): "goal needs robot=<name>",
+             ("cmd_vel=[0.2,0]",): "cmd_vel takes 3 numbers",
+             ("cmd_vel=[0.2,0,0]", "node=walker", "wait=1"): "node 'walker' did not subscribe to cmd_vel within 1 s",
+             (): "operate needs one of start, damp, estop, reset"}
+    for args, says in cases.items():
+        assert cli_main(["operate", *args]) == 2, args
+        assert says in capsys.readouterr().err, (args, says)
+    monkeypatch.setenv("ROS_DOMAIN_ID", "300")
+    assert cli_main(["operate", "start"]) == 2
+    assert "ROS_DOMAIN_ID must be an integer in 0..232, got '300'" in capsys.readouterr().err
