@@ -19,6 +19,7 @@ from real.hardware import FirmwareHardware, JointCommand
 from real.robot_spec import load_robot
 from sim.emulated_firmware import EmulatedFirmware, FirmwareConfig, SimulatedFirmware, World
 from sim.envs import task_config, task_world
+from sim.twin import apply_joint_equalities
 
 SPEC = load_robot("kid_biped")
 N = SPEC.n_joints
@@ -344,3 +345,19 @@ def test_object_pose_is_in_the_robots_base_frame():
     fw = SimulatedFirmware(SPEC, world=World(add=add, place=place, tracked_body="box"))
     pos, quat = fw.object_pose()
     assert pos == pytest.approx(offset, abs=1e-9) and quat == pytest.approx(rel, abs=1e-9)
+
+
+def test_joint_equalities_are_applied_as_mujoco_defines_them():
+    """y - y0 = c0 + c1 d + c2 d^2 with d = x - x0 (the MJCF's polycoef, with ref offsets): after
+    apply_joint_equalities the equality's own constraint violation, as MuJoCo computes it, is 0."""
+    model = mujoco.MjModel.from_xml_string("""
+    <mujoco><compiler angle="radian"/><worldbody><body><joint name="x" ref="0.2"/><geom size="0.1"/>
+      <body><joint name="y" ref="-0.1"/><geom size="0.1"/></body></body></worldbody>
+      <equality><joint joint1="y" joint2="x" polycoef="0.1 2 0.5 0 0"/></equality></mujoco>""")
+    data = mujoco.MjData(model)
+    data.qpos[:] = [0.7, 0.0]
+    apply_joint_equalities(model, data.qpos)
+    d = 0.7 - 0.2
+    assert data.qpos[1] == pytest.approx(-0.1 + 0.1 + 2 * d + 0.5 * d**2)
+    mujoco.mj_forward(model, data)
+    assert data.nefc >= 1 and abs(data.efc_pos[0]) < 1e-12
