@@ -102,10 +102,12 @@ def publish(kind: str, values: list[float], frame: str = "", node_name: str = "p
                 raise OperateError(f"node '{node_name}' did not subscribe to {kind} within {wait_s:g} s (is the "
                                    f"graph running, in ROS_DOMAIN_ID {_domain()}? does its policy take {kind}?)")
             time.sleep(0.05)
-        for _ in range(10 if kind == "cmd_vel" else 1):
+        # cmd_vel: best effort, so ten times over a second; goal: reliable and latched, delivered
+        # once matched, so once, then held a moment for the delivery.
+        repeats, hold_s = (10, 0.1) if kind == "cmd_vel" else (1, 0.5)
+        for _ in range(repeats):
             pub.publish(msg)
-            time.sleep(0.1)
-        time.sleep(0.5)   # a reliable, latched message is delivered after the match: give it the time
+            time.sleep(hold_s)
         return f"{kind} {values} sent" + (f" in frame '{frame}'" if frame else "")
     finally:
         client.close()
