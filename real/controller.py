@@ -48,7 +48,7 @@ class InputError(ValueError):
 
 class Controller:
     def __init__(self, artifact: Artifact, spec: RobotSpec, hardware: HardwareInterface, *,
-                 max_state_age: float = 0.05, max_delta: float = 0.2, ramp_s: float = 1.0,
+                 max_state_age: float = 0.05, max_delta: float | np.ndarray | None = None, ramp_s: float = 1.0,
                  max_object_age: float = 0.2, clock=time.monotonic):
         check_against_robot(artifact.manifest, spec)   # refuses, naming the first difference
         self.artifact, self.spec, self.hw, self.clock = artifact, spec, hardware, clock

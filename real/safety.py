@@ -5,7 +5,9 @@ Every tick it turns desired joint position targets into the command actually sen
 (tau = kp * (q_target - q) + kd * (0 - dq) + tau_ff). Whatever the input, the command keeps:
 
 - q_target inside the joint limits (a soft margin inside [q_lower, q_upper]);
-- q_target within max_delta of the previous tick's target;
+- q_target within max_delta of the previous tick's target (by default each joint's rated velocity
+  times the control period, the rule of ros2_control's joint limiters: a target that runs ahead of
+  what the joint can follow only winds up the PD torque);
 - the PD torque it implies at the measured state within +-tau_max;
 - finite gains, zero feed-forward torque.
 
@@ -36,17 +38,19 @@ class SafetyEvent(NamedTuple):
 
 
 class SafetyFilter:
-    def __init__(self, spec: RobotSpec, max_delta: float = 0.1, max_state_age: float = 0.05,
+    def __init__(self, spec: RobotSpec, max_delta: float | np.ndarray | None = None, max_state_age: float = 0.05,
                  soft_margin: float | np.ndarray | None = None, velocity_margin: float = 0.1,
                  damping_kd: float | np.ndarray | None = None):
-        """max_delta: largest change of a position target per tick (rad).
+        """max_delta: largest change of a position target per tick, in the joint's units (rad, m),
+            one value or one per joint; default: each joint's velocity limit / control_hz.
         max_state_age: older robot state is a fault (s).
         soft_margin: targets stay this far inside the joint limits (rad); default: the robot
             config's per-joint `soft_margin` (0.02 rad unless the YAML says otherwise).
         velocity_margin: fault when |dq| > dq_max * (1 + velocity_margin).
         damping_kd: damping gain per joint in the fault state; defaults to the spec's kd."""
         self.spec = spec
-        self.max_delta = float(max_delta)
+        self.max_delta = (spec.dq_max / spec.control_hz if max_delta is None
+                          else np.broadcast_to(np.asarray(max_delta, dtype=np.float64), spec.q_default.shape).copy())
         self.max_state_age = float(max_state_age)
         margin = spec.soft_margin if soft_margin is None else np.broadcast_to(soft_margin, spec.q_lower.shape)
         self.lower = spec.q_lower + margin
@@ -55,15 +59,16 @@ class SafetyFilter:
             j = int(np.flatnonzero(self.lower >= self.upper)[0])
             raise ValueError(f"soft_margin {margin[j]} leaves no range for joint '{spec.joint_names[j]}' of "
                              f"'{spec.name}' ([{spec.q_lower[j]}, {spec.q_upper[j]}])")
-        if max_delta <= 0 or max_state_age <= 0 or velocity_margin < 0:
-            raise ValueError("max_delta and max_state_age must be > 0, velocity_margin >= 0")
+        if not np.all(self.max_delta > 0) or max_state_age <= 0 or velocity_margin < 0:
+            raise ValueError(f"max_delta (got {self.max_delta.tolist()}) and max_state_age (got {max_state_age}) "
+                             f"must be > 0, velocity_margin (got {velocity_margin}) >= 0")
         self.dq_limit = spec.dq_max * (1.0 + velocity_margin)
         kd = spec.kd if damping_kd is None else damping_kd
         self.damping_kd = np.broadcast_to(np.asarray(kd, dtype=np.float64), spec.q_default.shape).copy()
         self._names = spec.joint_names
         # The filter's per-joint constants as Python floats (its per-tick loop reads them).
         self._per_joint = tuple(np.broadcast_to(np.asarray(x, dtype=np.float64), spec.q_default.shape).tolist()
-                                for x in (self.lower, self.upper, spec.kp, spec.kd, spec.tau_max))
+                                for x in (self.lower, self.upper, self.max_delta, spec.kp, spec.kd, spec.tau_max))
         self._dq_limit = self.dq_limit.tolist()
         self._prev: np.ndarray | None = None   # last sent target; seeded from the measured pose
         self.fault_reason: str | None = None
@@ -108,8 +113,7 @@ class SafetyFilter:
         # than ~40 numpy calls of a few µs each, and it reads like the firmware's own loop.
         position, rate, torque, gains = [], [], [], []
         final, kp_out, kd_out = [], [], []
-        step = self.max_delta
-        for i, (want, qi, dqi, prev, lower, upper, kp, kd, tau_max) in enumerate(zip(
+        for i, (want, qi, dqi, prev, lower, upper, step, kp, kd, tau_max) in enumerate(zip(
                 q_des.tolist(), q.tolist(), dq.tolist(), self._prev.tolist(), *self._per_joint)):
             # Position limits and the per-tick change together: both intervals contain the previous
             # target, so their intersection [lo, hi] is never empty.
@@ -139,7 +143,7 @@ class SafetyFilter:
             kd_out.append(kd * scale)
         names = self._names
         events = [SafetyEvent("clamp", f"{what}: {names[i]} {a:.3f} -> {b:.3f}")
-                  for what, changes in (("position limit", position), (f"rate limit ({step} rad/tick)", rate),
+                  for what, changes in (("position limit", position), ("rate limit", rate),
                                         ("torque limit", torque)) for i, a, b in changes]
         events += [SafetyEvent("clamp", f"torque limit: {names[i]} gains scaled x{g:.3g}") for i, g in gains]
         self._prev = np.array(final)

@@ -111,6 +111,34 @@ def test_per_tick_change_is_limited():
     assert not events   # arrived: nothing clamped any more
 
 
+def test_default_change_limit_is_each_joints_rated_speed_for_one_tick():
+    """Without max_delta a target moves at most velocity / control_hz a tick, in the joint's own
+    units: 15 / 50 = 0.3 rad for the biped's knee, 0.5 / 25 = 0.02 m for the arm's gripper (a flat
+    0.2 "rad" would let the gripper cross its whole 0.04 m range in one tick)."""
+    for spec, joint, goal in ((SPEC, "knee_l", 2.0), (load_robot("arm7"), "gripper", 0.0)):
+        f = SafetyFilter(spec)
+        np.testing.assert_allclose(f.max_delta, spec.dq_max / spec.control_hz)
+        j = spec.joint_names.index(joint)
+        want = spec.q_default.copy()
+        want[j] = goal
+        path = [spec.q_default.copy()]
+        for tick in range(2):   # the joint follows its target (the torque window stays out of it)
+            cmd, events = f.filter(want, path[-1], np.zeros(spec.n_joints), 0.0)
+            path.append(cmd.q_target)
+            if tick == 0:
+                assert [e.reason.split()[:3] for e in events] == [["rate", "limit:", joint]]
+        steps = np.diff(path, axis=0)
+        np.testing.assert_allclose(np.abs(steps[:, j]), spec.dq_max[j] / spec.control_hz)
+        assert np.all(np.delete(steps, j, axis=1) == 0)
+    assert path[-1][j] == 0.0   # the gripper closed in two ticks
+    # one value per joint is taken as given; a value <= 0 is refused, naming the setting
+    per_joint = np.full(SPEC.n_joints, 0.01)
+    np.testing.assert_array_equal(SafetyFilter(SPEC, max_delta=per_joint).max_delta, per_joint)
+    per_joint[KNEE_L] = 0.0
+    with pytest.raises(ValueError, match="max_delta"):
+        SafetyFilter(SPEC, max_delta=per_joint)
+
+
 def test_position_limit_and_torque_clamp():
     f = make_filter(max_delta=10.0)
     q = SPEC.q_default.copy()

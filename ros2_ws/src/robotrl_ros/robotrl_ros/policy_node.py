@@ -64,7 +64,8 @@ class PolicyNode(RobotNode):
         control_hz = p("control_hz", 0.0, "expected control rate in Hz; the node refuses to run an artifact "
                        "and robot at another rate. 0: the artifact's", lambda v: v >= 0, ">= 0")
         max_state_age = p("max_state_age", 0.05, "robot state older than this (s) is a fault: damping", *positive)
-        max_delta = p("max_delta", 0.2, "largest change of a position target per tick (rad)", *positive)
+        max_delta = p("max_delta", 0.0, "largest change of a position target per tick, in the joints' units "
+                      "(rad, m); 0: each joint's velocity limit / control_hz", lambda v: v >= 0, ">= 0")
         ramp_s = p("ramp_s", 1.0, "time to ramp from the measured pose to the default pose on start (s)", *positive)
         self.rate_tolerance = p("rate_tolerance", 0.05, "diagnostics warn when the measured mean period "
                                 "differs from nominal by more than this fraction", *positive)
@@ -106,7 +107,7 @@ class PolicyNode(RobotNode):
             self.hw = FirmwareHardware.udp(spec, firmware, bind, timeout_s=max_state_age)
             self.hw.start(timeout_s=connect_timeout_s)  # refuses another protocol version or motor count
         self.spec = spec
-        self.controller = Controller(art, spec, self.hw, max_state_age=max_state_age, max_delta=max_delta,
+        self.controller = Controller(art, spec, self.hw, max_state_age=max_state_age, max_delta=max_delta or None,
                                      ramp_s=ramp_s, max_object_age=max_object_age)
         # (the controller refuses an artifact trained for another robot, or one it cannot observe for)
         self.create_subscription(Twist, topics["cmd_vel"], self._on_cmd_vel, CONTROL_QOS)
