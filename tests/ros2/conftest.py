@@ -45,3 +45,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if Path(str(item.fspath)).parent == here:
             item.add_marker(pytest.mark.flaky(reruns=2, reruns_delay=1))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Why each re-run test failed the first time (pytest-rerunfailures names it only): the cause
+    of a flake is what a fix needs, and CI keeps nothing else."""
+    for report in terminalreporter.stats.get("rerun", []):
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = (crash.message if crash is not None else str(report.longrepr)).splitlines()[0]
+        text = report.longreprtext + "\n" + report.capstdout   # the graph's output is in the message
+        faults = [line for line in text.splitlines() if "fault" in line or "watchdog" in line]
+        terminalreporter.write_line(f"RERUN CAUSE {report.nodeid}: {message[:300]}")
+        for line in faults[-6:]:
+            terminalreporter.write_line(f"    {line[:300]}")
