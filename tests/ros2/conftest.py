@@ -54,7 +54,8 @@ def pytest_terminal_summary(terminalreporter):
         crash = getattr(report.longrepr, "reprcrash", None)
         message = (crash.message if crash is not None else str(report.longrepr)).splitlines()[0]
         text = report.longreprtext + "\n" + report.capstdout   # the graph's output is in the message
-        faults = [line for line in text.splitlines() if "fault" in line or "watchdog" in line]
+        faults = [line for line in text.splitlines()   # lines of the nodes, "[policy] …"
+                  if line.lstrip().startswith("[") and ("fault" in line or "watchdog" in line)]
         terminalreporter.write_line(f"RERUN CAUSE {report.nodeid}: {message[:300]}")
         for line in faults[-6:]:
             terminalreporter.write_line(f"    {line[:300]}")
