@@ -10,7 +10,9 @@ the action means, and which robot, rates and gains it was trained for). Two form
   q_target (+ memory in, memory_out: a recurrent state or a chunk queue, zeros after a reset); the
   manifest is the model's metadata entry `robotrl_manifest`. This runtime keeps the memory between calls.
 Both load into an `Artifact` with the same `step`, `act` and `reset`, so the control loop does
-not know which it runs. An ONNX artifact needs numpy, onnx and onnxruntime only, no torch.
+not know which it runs. An ONNX artifact needs numpy, onnx and onnxruntime only, no torch; torch
+is imported when a TorchScript artifact is loaded, so `read_manifest` (what an artifact is, without
+running it) costs no runtime at all.
 """
 from __future__ import annotations
 
@@ -23,11 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from real.robot_spec import RobotSpec
-
-try:
-    import torch
-except ImportError:   # a robot computer that runs ONNX artifacts only
-    torch = None
 
 FORMAT = "robotrl-artifact"
 FORMAT_VERSION = 2   # v2: the module has `step` (one call per control tick)
@@ -87,27 +84,28 @@ class Artifact:
         self.reset()
 
 
-def _float32_tensor(x) -> "torch.Tensor":
-    """The array as a float32 tensor sharing its memory where it can. `torch.as_tensor(x,
-    dtype=float32)` gives the same tensor but makes the scripted call after it ~10 µs slower, a
-    seventh of the walker's tick (docs/benchmarks.md, "the TorchScript wrapper")."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-
 class TorchScriptArtifact(Artifact):
     def __init__(self, module, manifest: dict, path: Path):
+        import torch
         super().__init__(manifest, path)
         self.module = module
+        self._from_numpy = torch.from_numpy
+
+    def _tensor(self, x):
+        """The array as a float32 tensor sharing its memory where it can. `torch.as_tensor(x,
+        dtype=float32)` gives the same tensor but makes the scripted call after it ~10 µs slower, a
+        seventh of the walker's tick (docs/benchmarks.md, "the TorchScript wrapper")."""
+        return self._from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.module(_float32_tensor(obs)).numpy()
+        return self.module(self._tensor(obs)).numpy()
 
     def command(self, action: np.ndarray) -> np.ndarray:
-        return self.module.command(_float32_tensor(action)).numpy().astype(np.float64)
+        return self.module.command(self._tensor(action)).numpy().astype(np.float64)
 
     def step(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One control tick: (policy action, joint position targets), in one scripted call."""
-        action, q_target = self.module.step(_float32_tensor(obs))
+        action, q_target = self.module.step(self._tensor(obs))
         return action.numpy(), q_target.numpy().astype(np.float64)
 
     def reset(self) -> None:
@@ -147,40 +145,68 @@ class OnnxArtifact(Artifact):
 
 
 def load_artifact(path: str | Path) -> Artifact:
+    path = _existing(path)
+    return _load_onnx(path) if artifact_format(path) == "onnx" else _load_torchscript(path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    """An artifact's manifest without loading its policy (no torch, no onnxruntime): for what only
+    needs to know what an artifact is (the emulated firmware's world, a report). The weights are
+    not checked against their hash here; load_artifact does that."""
+    path = _existing(path)
+    if artifact_format(path) == "onnx":
+        return _onnx_manifest(_read_onnx(path), path)
+    with _archive(path) as z:
+        return _torchscript_manifest(z, path)
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}")
-    fmt = artifact_format(path)
-    art = _load_onnx(path) if fmt == "onnx" else _load_torchscript(path)
-    manifest = art.manifest
+    return path
+
+
+def _readable(manifest: dict, path: Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: manifest format {manifest.get('format')} v{manifest.get('format_version')}, "
                             f"this runtime reads {FORMAT} v{FORMAT_VERSION}; re-export it with `robotrl export`")
-    return art
+    return manifest
 
 
-def _load_torchscript(path: Path) -> TorchScriptArtifact:
-    if torch is None:
-        raise ArtifactError(f"{path} is a TorchScript artifact and torch is not installed here; install torch "
-                            "or export the policy as ONNX (`robotrl export … format=onnx`)")
+def _archive(path: Path) -> zipfile.ZipFile:
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+        return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise ArtifactError(f"{path} is not a robotrl artifact: not a readable TorchScript archive ({e}); "
                             "was it truncated or overwritten?") from None
-    if bad is not None:
-        raise ArtifactError(f"{path} is corrupt: entry '{bad}' fails its checksum")
-    extra = {"manifest.json": ""}
+
+
+def _torchscript_manifest(archive: zipfile.ZipFile, path: Path) -> dict:
+    # torch.jit.save puts _extra_files under <archive name>/extra/
+    names = [n for n in archive.namelist() if n.endswith("/extra/manifest.json")]
+    if not names:
+        raise ArtifactError(f"{path} has no manifest.json inside: it was not written by `robotrl export`")
+    return _readable(json.loads(archive.read(names[0])), path)
+
+
+def _load_torchscript(path: Path) -> TorchScriptArtifact:
+    try:
+        import torch
+    except ImportError:   # a robot computer that runs ONNX artifacts only
+        raise ArtifactError(f"{path} is a TorchScript artifact and torch is not installed here; install torch "
+                            "or export the policy as ONNX (`robotrl export … format=onnx`)") from None
+    with _archive(path) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise ArtifactError(f"{path} is corrupt: entry '{bad}' fails its checksum")
+        manifest = _torchscript_manifest(z, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError with a C++ backtrace; keep only the gist
         raise ArtifactError(f"{path} could not be loaded as TorchScript: {str(e).splitlines()[0]}") from None
-    if not extra["manifest.json"]:
-        raise ArtifactError(f"{path} has no manifest.json inside: it was not written by `robotrl export`")
-    manifest = json.loads(extra["manifest.json"])
     expected = manifest.get("hashes", {}).get("weights_sha256")
     if expected != weights_sha256(module):
         raise ArtifactError(f"{path}: weights do not match the manifest's weights_sha256 (file altered or corrupt)")
@@ -196,22 +222,36 @@ def _load_torchscript(path: Path) -> TorchScriptArtifact:
     return TorchScriptArtifact(module, manifest, path)
 
 
-def _load_onnx(path: Path) -> OnnxArtifact:
+def _needs_onnx(path: Path) -> ArtifactError:
+    return ArtifactError(f"{path} is an ONNX artifact: it needs onnx and onnxruntime (pip install 'robotrl[onnx]')")
+
+
+def _read_onnx(path: Path):
     try:
         import onnx
-        import onnxruntime
     except ImportError:
-        raise ArtifactError(f"{path} is an ONNX artifact: it needs onnx and onnxruntime "
-                            "(pip install 'robotrl[onnx]')") from None
+        raise _needs_onnx(path) from None
     try:
-        model = onnx.load(str(path))
+        return onnx.load(str(path))
     except Exception as e:   # protobuf's DecodeError on a truncated file, OSError, …
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e}); "
                             "was it truncated or overwritten?") from None
+
+
+def _onnx_manifest(model, path: Path) -> dict:
     meta = {p.key: p.value for p in model.metadata_props}
     if ONNX_MANIFEST_KEY not in meta:
         raise ArtifactError(f"{path} has no '{ONNX_MANIFEST_KEY}' metadata: it was not written by `robotrl export`")
-    manifest = json.loads(meta[ONNX_MANIFEST_KEY])
+    return _readable(json.loads(meta[ONNX_MANIFEST_KEY]), path)
+
+
+def _load_onnx(path: Path) -> OnnxArtifact:
+    model = _read_onnx(path)
+    try:
+        import onnxruntime
+    except ImportError:
+        raise _needs_onnx(path) from None
+    manifest = _onnx_manifest(model, path)
     if manifest.get("hashes", {}).get("onnx_initializers_sha256") != onnx_initializers_sha256(model):
         raise ArtifactError(f"{path}: the graph's constants do not match the manifest's onnx_initializers_sha256 "
                             "(file altered or corrupt)")

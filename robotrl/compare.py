@@ -184,9 +184,9 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
     for r in run_dirs:
         if not (r / "config.yaml").is_file() or not (r / "metrics.csv").is_file():
             raise FileNotFoundError(f"{r} is not a run folder (no config.yaml / metrics.csv)")
-    from real.artifact import load_artifact
+    from real.artifact import read_manifest
     rows = [describe_run(r) for r in run_dirs]
-    rows += [{"label": Path(a).stem, "artifact": a, "method": load_artifact(a).manifest["training"]["algo"]}
+    rows += [{"label": Path(a).stem, "artifact": a, "method": read_manifest(a)["training"]["algo"]}
              for a in artifacts]
     for i, row in enumerate(rows):   # labels name the artifact and eval files: keep them unique
         if [r["label"] for r in rows[:i]].count(row["label"]):

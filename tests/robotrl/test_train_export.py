@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from real.artifact import ArtifactError, ManifestMismatch, check_against_robot, load_artifact
+from real.artifact import ArtifactError, ManifestMismatch, check_against_robot, load_artifact, read_manifest
 from real.robot_spec import CONFIG_DIR, load_robot, spec_from_dict
 from robotrl.checkpoint import CheckpointError, load_checkpoint
 from robotrl.cli import main
+
+ARTIFACTS = Path(__file__).parents[2] / "docs" / "artifacts"
 
 TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32,32]", "algo.critic_hidden=[32,32]",
         "progress=false", "checkpoint_every=1"]
@@ -76,6 +78,29 @@ print(json.dumps({{'heavy': heavy, 'n': len(a)}}))
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"heavy": [], "n": 10}
+
+
+def test_manifest_is_read_without_any_runtime(tmp_path):
+    """read_manifest gives what load_artifact's manifest is, for either format, in a process where
+    torch and onnxruntime cannot be imported (the emulated firmware needs the task, not the policy);
+    a file that is not an artifact gets load_artifact's clear error."""
+    files = [str(ARTIFACTS / name) for name in ("kid_biped_walk_eco.pt", "kid_biped_walk_eco.onnx")]
+    code = f"""
+import sys, json
+sys.modules['torch'] = sys.modules['onnxruntime'] = None   # any import of them fails
+from real.artifact import read_manifest
+print(json.dumps([read_manifest(f) for f in {files!r}]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    manifests = json.loads(out.stdout)
+    assert manifests == [json.loads(json.dumps(load_artifact(f).manifest)) for f in files]
+    assert manifests[0]["task"]["name"] == "humanoid_walk"
+    fake = tmp_path / "notes.pt"
+    fake.write_text("not an archive")
+    with pytest.raises(ArtifactError, match="not a readable TorchScript archive"):
+        read_manifest(fake)
 
 
 def _robot_variant(**changes):

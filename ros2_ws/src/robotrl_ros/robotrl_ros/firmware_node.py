@@ -18,7 +18,7 @@ from geometry_msgs.msg import PointStamped, PoseStamped
 from std_msgs.msg import Header
 
 from firmware_bridge import Mode
-from real.artifact import ArtifactError, load_artifact
+from real.artifact import ArtifactError, read_manifest
 from real.robot_spec import load_robot
 from robotrl_ros.common import BIND_PORT, OK, PORT, WARN, RobotNode, run, status
 from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, point_to_msg, pose_to_msg
@@ -54,7 +54,7 @@ class FirmwareNode(RobotNode):
         self.spec = spec = load_robot(robot)
         world = None
         if world_artifact:
-            task = load_artifact(world_artifact).manifest["task"]
+            task = read_manifest(world_artifact)["task"]
             world = task_world(task_config(task["config"]), world_seed)
         self.fw = EmulatedFirmware(spec, bind, peer, config, world)
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)

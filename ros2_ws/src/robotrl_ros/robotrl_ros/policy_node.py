@@ -31,7 +31,7 @@ from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
 from firmware_bridge import Mode as FirmwareMode
-from real.artifact import ArtifactError, ManifestMismatch, load_artifact
+from real.artifact import ArtifactError, ManifestMismatch, TorchScriptArtifact, load_artifact
 from real.controller import Controller, InputError
 from real.hardware import FirmwareHardware
 from real.robot_spec import load_robot
@@ -40,11 +40,6 @@ from real.state_machine import Mode, TransitionError
 from robotrl_ros.common import BIND_PORT, ERROR, OK, PORT, WARN, ConfigError, RobotNode, run, status
 from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, local_stamp, pose_arrays
 from robotrl_ros.topic_hardware import TopicHardware
-
-try:
-    import torch
-except ImportError:   # a robot computer that runs ONNX artifacts only
-    torch = None
 
 SAFETY_LEVEL = {Mode.IDLE: OK, Mode.RAMP: OK, Mode.RUNNING: OK, Mode.DAMPING: WARN, Mode.ESTOP: ERROR}
 positive = (lambda v: v > 0, "> 0")
@@ -96,7 +91,8 @@ class PolicyNode(RobotNode):
             raise ConfigError(f"control_hz is {control_hz} but robot '{spec.name}' ({spec.source}) runs at "
                               f"{spec.control_hz} Hz")
         art = load_artifact(artifact)
-        if torch is not None:   # a small network: threads add jitter, not speed, and steal the cores
+        if isinstance(art, TorchScriptArtifact):   # a small network: threads add jitter, not speed,
+            import torch                            # and steal the cores (onnxruntime's: one, at load)
             torch.set_num_threads(1)
         # The tick gives up the GIL inside torch and rclpy; take it back from the executor thread
         # within 0.5 ms instead of Python's default 5 ms.
