@@ -193,3 +193,28 @@ def test_gripper_may_close_against_its_stops():
     raw["joints"][-1]["soft_margin"] = 0.03
     with pytest.raises(SpecError, match=r"joints\[7\] \(gripper\): 'soft_margin' 0.03"):
         spec_from_dict(raw, "arm7.yaml")
+
+
+@pytest.mark.parametrize("robot", ["arm7", "franka_panda"])
+def test_gripper_commands_move_the_fingers_within_their_rated_speed(robot):
+    """A policy opens and closes its gripper in one action; the filter's per-tick change limit
+    (velocity / control_hz) turns that into a ramp the finger follows below its rated speed, as a
+    real hand's firmware does. (With a flat 0.2 per tick, franka's 0.2 m/s finger reached 0.7 m/s
+    on the twin and the filter faulted on its velocity limit.)"""
+    from firmware_bridge import Mode as FirmwareMode
+    from real.hardware import JointCommand
+    spec = load_robot(robot)
+    twin, f = TwinHardware(spec), SafetyFilter(spec)
+    twin.request_mode(FirmwareMode.RUNNING)
+    g, want, speeds, ends = spec.n_joints - 1, spec.q_default.copy(), [], []
+    for tick in range(60):
+        want[g] = spec.q_lower[g] if (tick // 15) % 2 == 0 else spec.q_upper[g]   # close, open, close, open
+        state = twin.read()
+        cmd, _ = f.filter(want, state.q, state.dq, 0.0)
+        twin.write(JointCommand(*cmd))
+        speeds.append(abs(twin.step().dq[g]))
+        if tick % 15 == 14:
+            ends.append(twin.read().q[g])
+    assert not f.faulted, f.fault_reason
+    assert max(speeds) <= spec.dq_max[g]
+    np.testing.assert_allclose(ends, [spec.q_lower[g], spec.q_upper[g]] * 2, atol=0.002)   # closed and opened
