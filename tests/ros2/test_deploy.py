@@ -24,6 +24,16 @@ def write_launch(tmp_path, entries) -> str:
     return str(path)
 
 
+def test_nodes_import_no_policy_runtime_they_do_not_run():
+    """torch costs ~1.3 s of CPU to import, paid by every process at once when a graph starts on a
+    2-core machine: only a policy node given a TorchScript artifact imports it. The firmware node
+    reads its world's task from the manifest alone, the bridge and recorder run no policy."""
+    code = ("import sys, robotrl_ros.policy_node, robotrl_ros.firmware_node, robotrl_ros.bridge_node, "
+            "robotrl_ros.recorder_node; print(sorted({'torch', 'onnxruntime'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out
+
+
 def test_launch_files_resolve_to_the_packaged_nodes():
     nodes = load_launch(SIM, {"artifact": "/a/p.pt", "firmware_log": ""})
     assert [n.name for n in nodes] == ["firmware", "bridge", "policy"]
