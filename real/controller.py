@@ -103,6 +103,17 @@ class Controller:
         with self._command_lock:
             self._goal = goal
 
+    @property
+    def object_position(self) -> np.ndarray | None:
+        """The newest perceived object position (base frame), None before the first."""
+        with self._command_lock:
+            return None if self._object is None else self._object[0].copy()
+
+    @property
+    def goal_position(self) -> np.ndarray | None:
+        with self._command_lock:
+            return None if self._goal is None else self._goal.copy()
+
     def missing_input(self) -> str | None:
         """Why the policy could not run now for want of perception or a goal; None if it could."""
         with self._command_lock:

@@ -62,3 +62,40 @@ class KinematicChain:
                 else:
                     pos = pos + quat_rotate(quat, axis) * angle
         return pos + quat_rotate(quat, self.site_pos)
+
+
+class FixedFrames:
+    """Frames fixed to the robot's base (a mounted camera, a marker on the table), each with its
+    pose in the base frame, as an extrinsic calibration gives it: `to_base` turns a position (and
+    orientation) given in one of them into the base frame. The base frame itself is one of them.
+    Where a full ROS 2 install runs tf2, this is the static part of its tree without tf2."""
+
+    def __init__(self, base: str, poses: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        self.base = base
+        self.poses = {base: (np.zeros(3), np.array([1.0, 0.0, 0.0, 0.0])), **(poses or {})}
+
+    @classmethod
+    def parse(cls, base: str, text: str) -> "FixedFrames":
+        """text: entries 'name x y z qw qx qy qz' (metres; a unit quaternion, w first) separated
+        by ';'. Raises ValueError naming the entry that does not fit."""
+        poses = {}
+        for entry in filter(None, (e.strip() for e in text.split(";"))):
+            name, *values = entry.split()
+            try:
+                numbers = np.array([float(v) for v in values])
+            except ValueError:
+                numbers = np.array([])
+            if len(numbers) != 7 or not np.all(np.isfinite(numbers)):
+                raise ValueError(f"fixed frame '{entry}': expected 'name x y z qw qx qy qz' (7 numbers after the name)")
+            if abs(np.linalg.norm(numbers[3:]) - 1.0) > 1e-3:
+                raise ValueError(f"fixed frame '{name}': quaternion {numbers[3:].tolist()} is not of unit length")
+            if name in poses or name == base:
+                raise ValueError(f"fixed frame '{name}' given twice (or it is the base frame '{base}')")
+            poses[name] = (numbers[:3], numbers[3:] / np.linalg.norm(numbers[3:]))
+        return cls(base, poses)
+
+    def to_base(self, frame: str, pos, quat=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(position, orientation or None) in the base frame; KeyError for a frame not known here."""
+        origin, turn = self.poses[frame]
+        pos = origin + quat_rotate(turn, np.asarray(pos, dtype=np.float64))
+        return pos, None if quat is None else quat_mul(turn, np.asarray(quat, dtype=np.float64))

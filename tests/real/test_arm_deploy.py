@@ -12,7 +12,7 @@ import yaml
 
 from real.artifact import load_artifact
 from real.controller import Controller, InputError
-from real.kinematics import KinematicChain
+from real.kinematics import FixedFrames, KinematicChain
 from real.robot_spec import SpecError, load_robot, spec_from_dict
 from real.safety import SafetyFilter
 from real.state_machine import Mode, TransitionError
@@ -38,6 +38,30 @@ def test_kinematic_chain_replays_mujoco(robot):
         data.qpos[qadr] = q
         mujoco.mj_kinematics(model, data)
         assert np.allclose(chain.site_position(q), data.site(site).xpos, atol=1e-9)
+
+
+def test_fixed_frames_bring_a_camera_pose_into_the_base_frame():
+    """A pose seen by a camera fixed to the base (its extrinsic calibration given as fixed_frames)
+    is R p + t in the base frame, orientation composed, as MuJoCo's own rotation computes it."""
+    frames = FixedFrames.parse("link0", "camera 0.5 0 0.8 0 1 0 0; wrist_cam 0.1 -0.2 0.3 0.9 0.1 -0.3 0.3")
+    pos, quat = frames.to_base("camera", [0.0, 0.0, 0.775], [1.0, 0.0, 0.0, 0.0])   # looking down at the cube
+    np.testing.assert_allclose(pos, [0.5, 0.0, 0.025], atol=1e-12)
+    np.testing.assert_allclose(quat, [0.0, 1.0, 0.0, 0.0])
+    origin, turn = frames.poses["wrist_cam"]
+    rotation = np.zeros(9)
+    mujoco.mju_quat2Mat(rotation, turn)
+    p, q = np.array([0.3, -0.1, 0.7]), np.array([0.5, 0.5, -0.5, 0.5])
+    pos, quat = frames.to_base("wrist_cam", p, q)
+    np.testing.assert_allclose(pos, rotation.reshape(3, 3) @ p + origin, atol=1e-12)
+    composed = np.zeros(4)
+    mujoco.mju_mulQuat(composed, turn, q)
+    np.testing.assert_allclose(quat, composed, atol=1e-12)
+    assert frames.to_base("link0", p)[0].tolist() == p.tolist()   # the base frame: unchanged
+    for text, what in (("camera 0.5 0 0.8", "7 numbers after the name"), ("camera 0 0 0 1 1 0 0", "not of unit length"),
+                       ("camera 0 0 0 1 0 0 0; camera 1 0 0 1 0 0 0", "given twice"),
+                       ("link0 0 0 0 1 0 0 0", "given twice"), ("camera a b c 1 0 0 0", "7 numbers")):
+        with pytest.raises(ValueError, match=what):
+            FixedFrames.parse("link0", text)
 
 
 def test_robot_side_terms_equal_the_tasks_on_its_rollout():

@@ -132,21 +132,25 @@ def test_operate_the_arm_from_the_command_line(hil, tmp_path):
 
 
 def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
-    """With the world's perception off, this test is the camera. Before its first pose, start is
-    refused, saying why; while it publishes, the arm runs; when it stops, the arm damps."""
-    log = arm_graph(hil, ARTIFACTS / "arm_lift_resfit.pt", tmp_path, object_pose_hz=0.0)
+    """With the world's perception off, this test is the camera: fixed above the table looking
+    down, publishing in its own frame, which fixed_frames calibrates. Before its first pose, start
+    is refused, saying why; while it publishes, the arm runs and sees the cube where it is in the
+    base frame; when it stops, the arm damps."""
+    log = arm_graph(hil, ARTIFACTS / "arm_lift_resfit.pt", tmp_path, object_pose_hz=0.0,
+                    fixed_frames="camera 0.5 0 0.8 0 1 0 0")   # 0.8 m above (0.5, 0), turned over about x
     def refusal():   # once the robot state flows, what is missing is the object
         response = hil.ros.call("/policy/start", timeout=30.0)
         return "no object pose received yet" in response.message and response
     assert not wait_for(refusal, 40.0, "start to be refused for want of perception", hil.output).success
+    assert hil.policy("object_pos") == "none"
     node, seeing = hil.ros.node, threading.Event()
     camera = node.create_publisher(PoseStamped, "/object_pose", CONTROL_QOS)
     seeing.set()
 
-    def publish():
+    def publish():   # the cube 0.775 m in front of the lens: on the table at (0.5, 0) in the base frame
         while seeing.is_set():
-            camera.publish(pose_to_msg([0.5, 0.0, 0.025], [1.0, 0.0, 0.0, 0.0], node.get_clock().now().to_msg(),
-                                       ARM.base_body))
+            camera.publish(pose_to_msg([0.0, 0.0, 0.775], [0.0, 1.0, 0.0, 0.0], node.get_clock().now().to_msg(),
+                                       "camera"))
             time.sleep(1 / 30)
     threading.Thread(target=publish, daemon=True).start()
     try:
@@ -154,6 +158,7 @@ def test_start_waits_for_perception_and_a_lost_camera_damps(hil, tmp_path):
         hil.expect_policy("RUNNING", timeout=5.0)
         time.sleep(0.5)
         assert hil.policy() == "RUNNING", hil.policy("fault")
+        assert hil.policy("object_pos") == "0.500, 0.000, 0.025"
     finally:
         seeing.clear()
     hil.expect_policy("DAMPING", fault="object pose stale", timeout=5.0)

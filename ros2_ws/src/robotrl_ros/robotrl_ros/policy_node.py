@@ -8,9 +8,11 @@ velocity command) or call the controller's thread-safe commands. Hardware, by pa
   udp     real.hardware.FirmwareHardware: the firmware protocol straight from this process.
 
 A tabletop policy (its observation has cube_pos, target_pos, ...) also subscribes to object_pose
-(perception) and goal (the operator), both in the robot's base frame (`base_frame`); a pose in
-another frame is dropped with a warning. Start is refused until both are there; an object pose
-going stale while running (older than `max_object_age`): damping.
+(perception) and goal (the operator), each in the robot's base frame (`base_frame`) or in a frame
+fixed to it whose pose `fixed_frames` gives (a mounted camera's calibration: no tf2 needed); a pose
+in another frame is dropped with a warning. Start is refused until both are there; an object pose
+going stale while running (older than `max_object_age`): damping. Diagnostics show both as the
+policy sees them, in the base frame.
 
 Services (std_srvs/Trigger, private: /<node>/start ...): start, damp, estop, reset; a refused
 one answers success=false with the reason. Diagnostics on /diagnostics: loop timing, safety
@@ -33,6 +35,7 @@ from std_srvs.srv import Trigger
 from firmware_bridge import Mode as FirmwareMode
 from real.artifact import ArtifactError, ManifestMismatch, TorchScriptArtifact, load_artifact
 from real.controller import Controller, InputError
+from real.kinematics import FixedFrames
 from real.hardware import FirmwareHardware
 from real.robot_spec import load_robot
 from real.rt_loop import RateLoop
@@ -83,8 +86,11 @@ class PolicyNode(RobotNode):
                                     "firmware_mode_request", "cmd_vel", "object_pose", "goal"])
         max_object_age = p("max_object_age", 0.2, "tabletop policies: an object pose older than this (s) is a "
                            "fault: damping", *positive)
-        base_frame = p("base_frame", "", "tabletop policies: the frame_id object_pose and goal must carry; "
-                       "empty: the robot's base body")
+        base_frame = p("base_frame", "", "tabletop policies: the robot's base frame, which the policy observes "
+                       "in; empty: the robot's base body")
+        fixed_frames = p("fixed_frames", "", "tabletop policies: frames fixed to the base that object_pose and "
+                         "goal may also come in, each 'name x y z qw qx qy qz' (its pose in the base frame, m and a "
+                         "unit quaternion: a mounted camera's extrinsic calibration), separated by ';'")
 
         spec = load_robot(robot)
         if control_hz and abs(control_hz - spec.control_hz) > 1e-9:
@@ -107,7 +113,10 @@ class PolicyNode(RobotNode):
                                      ramp_s=ramp_s, max_object_age=max_object_age)
         # (the controller refuses an artifact trained for another robot, or one it cannot observe for)
         self.create_subscription(Twist, topics["cmd_vel"], self._on_cmd_vel, CONTROL_QOS)
-        self.base_frame = base_frame or spec.base_body
+        try:
+            self.frames = FixedFrames.parse(base_frame or spec.base_body, fixed_frames)
+        except ValueError as e:
+            raise ConfigError(f"parameter 'fixed_frames': {e}") from None
         self._wrong_frames: set[str] = set()
         if "object" in self.controller.inputs:
             self.create_subscription(PoseStamped, topics["object_pose"], self._on_object_pose, CONTROL_QOS)
@@ -141,27 +150,29 @@ class PolicyNode(RobotNode):
     def _on_cmd_vel(self, msg: Twist) -> None:
         self.controller.set_velocity_command(msg.linear.x, msg.linear.y, msg.angular.z)
 
-    def _in_base_frame(self, msg, topic: str) -> bool:
+    def _known_frame(self, msg, topic: str) -> bool:
         frame = msg.header.frame_id
-        if frame == self.base_frame:
+        if frame in self.frames.poses:
             return True
         if frame not in self._wrong_frames:   # once per frame name: perception may send many
             self._wrong_frames.add(frame)
             self.get_logger().warning(f"{topic} in frame '{frame}' dropped: this policy needs the robot's base "
-                                      f"frame '{self.base_frame}' (parameter base_frame)")
+                                      f"frame '{self.frames.base}' (parameter base_frame) or a frame of "
+                                      f"fixed_frames {sorted(set(self.frames.poses) - {self.frames.base})}")
         return False
 
     def _on_object_pose(self, msg: PoseStamped) -> None:
-        if self._in_base_frame(msg, "object_pose"):
-            pos, quat = pose_arrays(msg)
+        if self._known_frame(msg, "object_pose"):
+            pos, quat = self.frames.to_base(msg.header.frame_id, *pose_arrays(msg))
             now = self.get_clock().now().nanoseconds * 1e-9
             self.controller.set_object_pose(pos, quat, local_stamp(msg.header, now))
 
     def _on_goal(self, msg: PointStamped) -> None:
-        if self._in_base_frame(msg, "goal"):
+        if self._known_frame(msg, "goal"):
             p = msg.point
-            self.controller.set_goal_position((p.x, p.y, p.z))
-            self.get_logger().info(f"goal: ({p.x:.3f}, {p.y:.3f}, {p.z:.3f}) m in '{self.base_frame}'")
+            goal, _ = self.frames.to_base(msg.header.frame_id, (p.x, p.y, p.z))
+            self.controller.set_goal_position(goal)
+            self.get_logger().info(f"goal: ({goal[0]:.3f}, {goal[1]:.3f}, {goal[2]:.3f}) m in '{self.frames.base}'")
 
     def _start(self) -> None:
         s = self.controller.last_state
@@ -236,9 +247,17 @@ class PolicyNode(RobotNode):
                             "state_age_ms": f"{(time.monotonic() - s.stamp_s) * 1e3:.1f}" if s else "inf",
                             "clamps_since_last": clamps,
                             "velocity_command": ", ".join(f"{v:.3f}" for v in self.controller.velocity_command),
+                            **self._tabletop_inputs(),
                             **{f"event_{i}": f"{e.kind}: {e.reason}" for i, (_, e) in enumerate(recent)}})
         self._diagnostics.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                                   status=[loop_status, safety]))
+
+    def _tabletop_inputs(self) -> dict:
+        """The object's position and the goal as the policy sees them (base frame), for a tabletop policy."""
+        c = self.controller
+        seen = {"object_pos": ("object", c.object_position), "goal": ("goal", c.goal_position)}
+        return {key: "none" if v is None else ", ".join(f"{x:.3f}" for x in v)
+                for key, (needed, v) in seen.items() if needed in c.inputs}
 
     def close(self) -> None:
         """Stop the loop and leave the robot passive rather than holding the last target until a
