@@ -128,7 +128,8 @@ def test_manifest_mismatch_refused_and_graph_stopped(hil, artifact, tmp_path):
 def test_policy_node_refuses_bad_configuration(hil, artifact):
     cases = {"artifact not found: /nonexistent/policy.pt": {"artifact": "/nonexistent/policy.pt"},
              "unknown robot 'nobot'; available: ": {"robot": "nobot"},
-             "control_hz is 100.0 but robot 'kid_biped'": {"control_hz": "100.0"}}
+             "control_hz is 100.0 but robot 'kid_biped'": {"control_hz": "100.0"},
+             "parameter 'fixed_frames': fixed frame 'camera 0 0 0.8'": {"fixed_frames": "'camera 0 0 0.8'"}}
     procs = {says: subprocess.Popen(NodeSpec("robotrl_ros", "policy_node", "policy", params=list(
         {"artifact": str(artifact), **params}.items())).command(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for says, params in cases.items()}   # all at once: torch loads slowly

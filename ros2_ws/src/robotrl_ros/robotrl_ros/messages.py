@@ -15,7 +15,8 @@ Topics (relative names: a namespace or a remap moves them together; each node al
 | goal                  | geometry_msgs/PointStamped (latched) | operator -> policy | where the object should go, base frame |
 
 object_pose and goal matter only to tabletop policies (their observation has cube_pos, target_pos,
-...); their header.frame_id must be the robot's base frame and their stamp the measurement time.
+...); their header.frame_id must be the robot's base frame or a frame the policy node's
+fixed_frames calibrates, and their stamp the measurement time.
 
 A joint command is one Float64MultiArray, so targets and gains always arrive together (two
 topics could pair a new target with old gains): 4 rows (q_target, kp, kd, tau_ff) by n joints,

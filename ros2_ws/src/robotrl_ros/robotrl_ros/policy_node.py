@@ -93,6 +93,10 @@ class PolicyNode(RobotNode):
                          "unit quaternion: a mounted camera's extrinsic calibration), separated by ';'")
 
         spec = load_robot(robot)
+        try:   # a malformed calibration is refused before the artifact loads
+            self.frames = FixedFrames.parse(base_frame or spec.base_body, fixed_frames)
+        except ValueError as e:
+            raise ConfigError(f"parameter 'fixed_frames': {e}") from None
         if control_hz and abs(control_hz - spec.control_hz) > 1e-9:
             raise ConfigError(f"control_hz is {control_hz} but robot '{spec.name}' ({spec.source}) runs at "
                               f"{spec.control_hz} Hz")
@@ -113,10 +117,6 @@ class PolicyNode(RobotNode):
                                      ramp_s=ramp_s, max_object_age=max_object_age)
         # (the controller refuses an artifact trained for another robot, or one it cannot observe for)
         self.create_subscription(Twist, topics["cmd_vel"], self._on_cmd_vel, CONTROL_QOS)
-        try:
-            self.frames = FixedFrames.parse(base_frame or spec.base_body, fixed_frames)
-        except ValueError as e:
-            raise ConfigError(f"parameter 'fixed_frames': {e}") from None
         self._wrong_frames: set[str] = set()
         if "object" in self.controller.inputs:
             self.create_subscription(PoseStamped, topics["object_pose"], self._on_object_pose, CONTROL_QOS)
