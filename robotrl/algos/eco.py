@@ -16,7 +16,10 @@ C2 reference motion (algo.motion):
                   J_C2 = its per-step mean over an episode (rad²).
   none            energy only.
 Each per-step cost has a cost-critic head; cost GAE over the discounted cost-to-go gives cost
-advantages Â_c, standardised. With ρ the probability ratio, PPO's extra_loss hook builds
+advantages Â_c, standardised. A fall ends the episode but not the rate a constraint is measured at:
+its cost-to-go continues at J_C per step (W·dt, or the mean), so falling never looks cheap to the
+cost advantage of a W or mean constraint (cut to zero, it did: a policy far over its budget learnt
+to fall). With energy_unit=J a fall really does end the episode's energy, and the cost-to-go ends. With ρ the probability ratio, PPO's extra_loss hook builds
     L = [L_clip + Σ_i λ_i·mean(Â_ci·ρ) + λ_sym·L_mirror] / (1 + Σ λ) + L_V − c_H·H
 and the multipliers follow λ_i ← max(0, λ_i + lr_λ·(J_Ci − b_i)/b_i) with Adam, init 0, once
 per iteration.
@@ -144,6 +147,12 @@ class EpisodeCosts:
             self.sums[done] = 0.0
             self.steps[done] = 0.0
 
+    def per_step(self, J: torch.Tensor) -> torch.Tensor:
+        """The per-step cost at which each statistic J continues forever: W·dt for a rate, the mean
+        itself, and 0 for a total (an episode's total ends with the episode)."""
+        per = {"rate": self.dt, "mean": 1.0, "total": 0.0}
+        return J * torch.tensor([per[m] for m in self.modes])
+
     def estimate(self) -> torch.Tensor:
         if self.finished:
             return torch.stack(list(self.finished)).mean(0)
@@ -179,6 +188,7 @@ class ConstrainedPPO(PPO):
         K, T = len(self.cost_names), cfg.steps_per_env
         self.costs = torch.zeros(T, num_envs, K)
         self.cost_bonus = torch.zeros(T, num_envs, K)   # γ·V_c(final observation) at time-outs
+        self.falls = torch.zeros(T, num_envs)            # terminated (not timed out) after this step
         self.cost_rollout_values = torch.zeros(T, num_envs, K)   # V_c(s_t), from the acting pass
         energy_stat = "rate" if cfg.energy_unit == "W" else "total"
         self.episodes = EpisodeCosts(num_envs, [energy_stat] + ["mean"] * (K - 1), self.dt, cfg.cost_window)
@@ -219,6 +229,7 @@ class ConstrainedPPO(PPO):
         if self.uses_cost_advantages:
             self.cost_rollout_values[t] = self.cost_values
         self.episodes.add(self.costs[t], self.buffer.dones[t])
+        self.falls[t] = (terminated & ~truncated).float()
         if self.uses_cost_advantages and truncated.any():   # time-outs bootstrap the cost critic too
             final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[truncated]
             self.cost_bonus[t, truncated] = self.cfg.gamma * self.cost_value(final)
@@ -271,12 +282,7 @@ class ConstrainedPPO(PPO):
                 means = self.model.action_mean(torch.cat([rows, self.mirror_obs(rows)]))   # one pass, as in PPO's
                 self.J = torch.cat([self.J, self.mirror_loss(means[:len(rows)], means[len(rows):])[None]])
             if self.uses_cost_advantages:
-                # (1 − γ)·cost makes the critic's target a discounted mean cost per step, of one step's
-                # scale whatever the horizon; the advantages are standardised, so only conditioning changes.
-                # (The time-out bonus is a critic value, already in those units.)
-                scaled = (1 - c.gamma) * self.costs + self.cost_bonus
-                adv, cost_returns = gae(scaled, self.cost_rollout_values, b.dones[..., None],
-                                        self.cost_value(last_critic_obs), c.gamma, c.lam)
+                adv, cost_returns = self.cost_gae(self.cost_value(last_critic_obs))
                 adv = adv.reshape(T * N, -1)
                 self.cost_adv = (adv - adv.mean(0)) / (adv.std(0) + 1e-8)
         self.weights = self.update_weights(self.J)
@@ -284,6 +290,17 @@ class ConstrainedPPO(PPO):
                                cost_returns=cost_returns.reshape(T * N, -1) if self.uses_cost_advantages else None)
         self.cost_bonus.zero_()
         return {**stats, **self.constraint_stats()}
+
+    def cost_gae(self, last_cost_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cost advantages and returns (T, N, K) of the rollout, given this iteration's J. (1 − γ)·cost
+        makes the critic's target a discounted mean cost per step, of one step's scale whatever the
+        horizon (the advantages are standardised, so only conditioning changes). Time-outs bootstrap
+        with the critic (cost_bonus, already in those units); falls with the cost rate J_C per step,
+        whose discounted mean is itself."""
+        c, K = self.cfg, len(self.cost_names)
+        fall_bonus = c.gamma * self.falls[..., None] * self.episodes.per_step(self.J[:K])
+        scaled = (1 - c.gamma) * self.costs + self.cost_bonus + fall_bonus
+        return gae(scaled, self.cost_rollout_values, self.buffer.dones[..., None], last_cost_value, c.gamma, c.lam)
 
     def constraint_stats(self) -> dict[str, float]:
         """constraint/lambda<i>_<name>, J<i>_<name>, b<i>_<name> (energy: _W or _J), i = 1 energy, 2 motion."""

@@ -178,6 +178,31 @@ def test_energy_cost_is_the_task_info_energy():
     assert stats["constraint/J1_energy_W"] == pytest.approx(np.mean(finished), rel=1e-5)
 
 
+@pytest.mark.parametrize("unit", ["W", "J"])
+def test_a_fall_does_not_make_a_rate_constraint_cheaper(unit):
+    """Every step costs the same; env 1 falls after step 5. Measured as a rate (W), its cost-to-go at
+    the fall continues at J_C per step, so every step's cost return equals the steady env's. Measured
+    per episode (J), the fall ends the energy, and the return drops to that last step's share."""
+    from robotrl.runner import build
+    _, algo = build(compose_train_config(["algo=eco", f"algo.energy_unit={unit}", "algo.energy_budget=5", *TINY]))
+    T, N, _ = algo.costs.shape
+    step_energy = 0.1                                    # J per control step: 0.1 / dt watts
+    algo.costs.fill_(step_energy)
+    algo.cost_rollout_values.fill_(step_energy)          # the steady value of that cost, in the critic's units
+    algo.buffer.dones.zero_()
+    algo.falls.zero_()
+    algo.buffer.dones[5, 1] = algo.falls[5, 1] = 1.0
+    algo.J = torch.tensor([step_energy / algo.dt if unit == "W" else step_energy * T, 0.0])
+    _, returns = algo.cost_gae(torch.full((N, 1), step_energy))
+    steady, fallen = returns[:, 0, 0], returns[:, 1, 0]
+    torch.testing.assert_close(steady, torch.full((T,), step_energy))
+    if unit == "W":
+        torch.testing.assert_close(fallen, steady)
+    else:
+        assert fallen[5].item() == pytest.approx((1 - algo.cfg.gamma) * step_energy, rel=1e-5)
+        assert (fallen[:6] < steady[:6]).all() and torch.allclose(fallen[6:], steady[6:])
+
+
 # ---- every method through the real runner ----
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
