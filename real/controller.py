@@ -35,13 +35,6 @@ from real.state_machine import ControlStateMachine, Mode, TransitionError
 FIRMWARE_MODE = {Mode.IDLE: FirmwareMode.IDLE, Mode.RAMP: FirmwareMode.RUNNING, Mode.RUNNING: FirmwareMode.RUNNING,
                  Mode.DAMPING: FirmwareMode.DAMPING, Mode.ESTOP: FirmwareMode.ESTOP}
 
-# What a tabletop term needs besides the joint state: the manifest's kinematic chain, its gripper
-# width map, a perceived object pose, an operator's goal.
-TERM_INPUTS = {"tcp_pos": {"kinematics"}, "cube_to_tcp": {"kinematics", "object"}, "gripper_width": {"gripper"},
-               "cube_pos": {"object"}, "cube_quat": {"object"}, "target_pos": {"goal"},
-               "cube_to_target": {"object", "goal"}}
-
-
 class InputError(ValueError):
     """The artifact observes something this robot side cannot provide."""
 
@@ -204,7 +197,7 @@ class Controller:
             if name not in TERMS:
                 raise InputError(f"{path}: observation term '{name}' cannot be built on the robot side "
                                  f"(it builds: {', '.join(TERMS)})")
-            needs |= TERM_INPUTS.get(name, set())
+            needs |= TERMS[name].needs
         if "kinematics" in needs and "kinematics" not in m:
             raise InputError(f"{path}: observes the tool centre point but its manifest has no 'kinematics' (exported "
                              "before the robot side computed it); re-export it with `robotrl export`")

@@ -10,7 +10,7 @@ batch (leading dimensions are kept). Quaternions are (w, x, y, z) everywhere ins
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -54,24 +54,30 @@ def _clock(s: RobotState) -> np.ndarray:
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1)
 
 
-# name -> (function of the state, size given the number of joints)
-TERMS: dict[str, tuple[Callable[[RobotState], np.ndarray], Callable[[int], int]]] = {
-    "gait_clock": (_clock, lambda n: 2),
-    "command": (lambda s: s.command, lambda n: 3),
-    "joint_pos": (lambda s: s.q - s.q_default, lambda n: n),
-    "joint_vel": (lambda s: s.dq, lambda n: n),
-    "last_action": (lambda s: s.last_action, lambda n: n),
-    "base_ang_vel": (lambda s: s.gyro, lambda n: 3),
-    "projected_gravity": (lambda s: projected_gravity(s.quat), lambda n: 3),
+class Term(NamedTuple):
+    fn: Callable[[RobotState], np.ndarray]   # the term from a state
+    size: Callable[[int], int]               # its size given the number of joints
+    needs: frozenset[str] = frozenset()      # what a robot side must supply beyond the joint state:
+    # "kinematics" (the manifest's chain), "gripper" (its width map), "object" (a perceived pose), "goal"
+
+
+TERMS: dict[str, Term] = {
+    "gait_clock": Term(_clock, lambda n: 2),
+    "command": Term(lambda s: s.command, lambda n: 3),
+    "joint_pos": Term(lambda s: s.q - s.q_default, lambda n: n),
+    "joint_vel": Term(lambda s: s.dq, lambda n: n),
+    "last_action": Term(lambda s: s.last_action, lambda n: n),
+    "base_ang_vel": Term(lambda s: s.gyro, lambda n: 3),
+    "projected_gravity": Term(lambda s: projected_gravity(s.quat), lambda n: 3),
     # tabletop terms (named after the cube the tasks train with)
-    "joint_target": (lambda s: s.joint_target - s.q_default, lambda n: n),
-    "gripper_width": (lambda s: np.asarray(s.gripper_width)[..., None], lambda n: 1),
-    "tcp_pos": (lambda s: s.tcp, lambda n: 3),
-    "cube_pos": (lambda s: s.object_pos, lambda n: 3),
-    "cube_quat": (lambda s: s.object_quat, lambda n: 4),
-    "cube_to_tcp": (lambda s: s.tcp - s.object_pos, lambda n: 3),
-    "target_pos": (lambda s: s.goal_pos, lambda n: 3),
-    "cube_to_target": (lambda s: s.goal_pos - s.object_pos, lambda n: 3),
+    "joint_target": Term(lambda s: s.joint_target - s.q_default, lambda n: n),
+    "gripper_width": Term(lambda s: np.asarray(s.gripper_width)[..., None], lambda n: 1, frozenset({"gripper"})),
+    "tcp_pos": Term(lambda s: s.tcp, lambda n: 3, frozenset({"kinematics"})),
+    "cube_pos": Term(lambda s: s.object_pos, lambda n: 3, frozenset({"object"})),
+    "cube_quat": Term(lambda s: s.object_quat, lambda n: 4, frozenset({"object"})),
+    "cube_to_tcp": Term(lambda s: s.tcp - s.object_pos, lambda n: 3, frozenset({"kinematics", "object"})),
+    "target_pos": Term(lambda s: s.goal_pos, lambda n: 3, frozenset({"goal"})),
+    "cube_to_target": Term(lambda s: s.goal_pos - s.object_pos, lambda n: 3, frozenset({"object", "goal"})),
 }
 
 
@@ -90,7 +96,7 @@ class ObsLayout:
         if history < 1:
             raise ValueError(f"observation history must be >= 1, got {history}")
         return cls(tuple(terms), tuple(float(v) for v in terms.values()),
-                   tuple(TERMS[t][1](n_joints) for t in terms), int(history))
+                   tuple(TERMS[t].size(n_joints) for t in terms), int(history))
 
     @property
     def frame_size(self) -> int:
@@ -101,7 +107,7 @@ class ObsLayout:
         return self.frame_size * self.history
 
     def frame(self, state: RobotState) -> np.ndarray:
-        parts = [TERMS[t][0](state) * k for t, k in zip(self.terms, self.scales)]
+        parts = [TERMS[t].fn(state) * k for t, k in zip(self.terms, self.scales)]
         return np.concatenate(parts, axis=-1).astype(np.float32)
 
     def to_manifest(self) -> dict:

@@ -188,7 +188,7 @@ class ArmLift:
         self.episode_steps = int(round(cfg.episode_s * r.control_hz))
         self.hold_steps = max(1, int(round(cfg.hold_s * r.control_hz)))
         terms = tuple(cfg.observation)
-        sizes = tuple(ROBOT_TERMS[t][1](n) for t in terms)
+        sizes = tuple(ROBOT_TERMS[t].size(n) for t in terms)
         self.layout = ObsLayout(terms, tuple(float(v) for v in cfg.observation.values()), sizes, cfg.history)
         self.obs_size = self.layout.size
         # privileged: + cube velocity (6), pad contacts, randomisation sample (3)
@@ -298,7 +298,7 @@ class ArmLift:
                            gripper_width=s["width"], tcp=s["tcp"], object_pos=s["cube_pos"],
                            object_quat=s["cube_quat"], goal_pos=s.get("target_pos"))
         # camera terms are not robot state: they come as they are from the quantities
-        parts = [(ROBOT_TERMS[t][0](state) if t in ROBOT_TERMS else s[t]) * k
+        parts = [(ROBOT_TERMS[t].fn(state) if t in ROBOT_TERMS else s[t]) * k
                  for t, k in zip(self.layout.terms, self.layout.scales)]
         return np.concatenate(parts, axis=-1).astype(np.float32)
 

@@ -139,7 +139,7 @@ class ArmPlace(arm_lift.ArmLift):
             return c.camera.width * c.camera.height * 3
         if term == "point_cloud":
             return c.point_cloud.points * 3
-        return ROBOT_TERMS[term][1](n)
+        return ROBOT_TERMS[term].size(n)
 
     def reset(self, ids: np.ndarray) -> None:
         t = self.cfg.target
