@@ -19,7 +19,8 @@ Each per-step cost has a cost-critic head; cost GAE over the discounted cost-to-
 advantages Â_c, standardised. A fall ends the episode but not the rate a constraint is measured at:
 its cost-to-go continues at J_C per step (W·dt, or the mean), so falling never looks cheap to the
 cost advantage of a W or mean constraint (cut to zero, it did: a policy far over its budget learnt
-to fall). With energy_unit=J a fall really does end the episode's energy, and the cost-to-go ends. With ρ the probability ratio, PPO's extra_loss hook builds
+to fall). With energy_unit=J a fall really does end the episode's energy, and the cost-to-go ends.
+With ρ the probability ratio, PPO's extra_loss hook builds
     L = [L_clip + Σ_i λ_i·mean(Â_ci·ρ) + λ_sym·L_mirror] / (1 + Σ λ) + L_V − c_H·H
 and the multipliers follow λ_i ← max(0, λ_i + lr_λ·(J_Ci − b_i)/b_i) with Adam, init 0, once
 per iteration.
@@ -272,7 +273,7 @@ class ConstrainedPPO(PPO):
 
     # ---- update ----
     def update(self, last_critic_obs, progress: float, step: int, extra_loss=None) -> dict[str, float]:
-        c, b = self.cfg, self.buffer
+        b = self.buffer
         T, N = b.rewards.shape
         rollout_obs = b.obs.reshape(T * N, -1)
         with torch.no_grad():
