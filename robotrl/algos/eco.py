@@ -227,13 +227,13 @@ class ConstrainedPPO(PPO):
         super().record(rewards, terminated, truncated, truncated_value, info)
         t = self.buffer.t - 1
         self.costs[t] = self.step_costs(info, self.buffer.obs[t])
+        self.episodes.add(self.costs[t], self.buffer.dones[t])
         if self.uses_cost_advantages:
             self.cost_rollout_values[t] = self.cost_values
-        self.episodes.add(self.costs[t], self.buffer.dones[t])
-        self.falls[t] = (terminated & ~truncated).float()
-        if self.uses_cost_advantages and truncated.any():   # time-outs bootstrap the cost critic too
-            final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[truncated]
-            self.cost_bonus[t, truncated] = self.cfg.gamma * self.cost_value(final)
+            self.falls[t] = (terminated & ~truncated).float()
+            if truncated.any():   # time-outs bootstrap the cost critic too
+                final = torch.as_tensor(info["final_critic_obs"], dtype=torch.float32)[truncated]
+                self.cost_bonus[t, truncated] = self.cfg.gamma * self.cost_value(final)
 
     def cost_value(self, critic_obs: torch.Tensor) -> torch.Tensor:
         return self.model.values(critic_obs)[1]
