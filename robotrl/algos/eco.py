@@ -188,14 +188,14 @@ class ConstrainedPPO(PPO):
         self.budgets = torch.tensor(self.budget_values)
         K, T = len(self.cost_names), cfg.steps_per_env
         self.costs = torch.zeros(T, num_envs, K)
-        self.cost_bonus = torch.zeros(T, num_envs, K)   # γ·V_c(final observation) at time-outs
-        self.falls = torch.zeros(T, num_envs)            # terminated (not timed out) after this step
-        self.cost_rollout_values = torch.zeros(T, num_envs, K)   # V_c(s_t), from the acting pass
         energy_stat = "rate" if cfg.energy_unit == "W" else "total"
         self.episodes = EpisodeCosts(num_envs, [energy_stat] + ["mean"] * (K - 1), self.dt, cfg.cost_window)
         self.J = torch.zeros(len(self.names))
         self.weights = torch.zeros(len(self.names))
         if self.uses_cost_advantages:
+            self.cost_bonus = torch.zeros(T, num_envs, K)   # γ·V_c(final observation) at time-outs
+            self.falls = torch.zeros(T, num_envs)            # terminated (not timed out) after this step
+            self.cost_rollout_values = torch.zeros(T, num_envs, K)   # V_c(s_t), from the acting pass
             # The cost values are K more outputs on the critic's features, fitted in PPO's own passes:
             # a separate cost critic with its own epochs cost ECO ~15 % of its training time.
             self.model.cost_head = nn.Linear(cfg.critic_hidden[-1], K)
@@ -289,7 +289,8 @@ class ConstrainedPPO(PPO):
         self.weights = self.update_weights(self.J)
         stats = super().update(last_critic_obs, progress, step, extra_loss=self.constraint_loss,
                                cost_returns=cost_returns.reshape(T * N, -1) if self.uses_cost_advantages else None)
-        self.cost_bonus.zero_()
+        if self.uses_cost_advantages:
+            self.cost_bonus.zero_()
         return {**stats, **self.constraint_stats()}
 
     def cost_gae(self, last_cost_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
