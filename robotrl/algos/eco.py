@@ -7,7 +7,9 @@ C1 energy. Per-step cost c1 = info["energy_j"], the task's Σ_legs |τ·q̇| int
   rate over the control step (J). J_C1 = mean over the last `cost_window` finished episodes of
   episode energy / episode duration, in W (energy_unit=W); with energy_unit=J, of the episode
   energy itself (J per episode; note that an early fall then looks cheap). Until the first
-  episode ends, the running episodes stand in.
+  episode ends, the running episodes stand in. With cost_estimate=rollout, J_C1 is this
+  iteration's rollout energy / its duration instead: the same rate without the episodes' lag
+  (a 1,000-step episode trails the policy by tens of iterations), for methods that switch on it.
 C2 reference motion (algo.motion):
   symmetry        J_C2 = mean over the rollout of ‖π(s) − M_a π(M_s s)‖² on the action means, mean
                   over joints (action units²); M_s, M_a from robotrl/mirror.py (gait clock + ½ period).
@@ -39,6 +41,7 @@ from robotrl.algos.ppo import PPO, PPOConfig, gae
 from robotrl.mirror import action_mirror, obs_mirror
 
 ENERGY_UNITS = ("W", "J")
+COST_ESTIMATES = ("episodes", "rollout")
 MOTIONS = ("symmetry", "reference_gait", "none")
 
 
@@ -50,7 +53,7 @@ class ConstrainedConfig(PPOConfig):
     entropy_coef: float = 0.001
     actor_hidden: list[int] = dataclasses.field(default_factory=lambda: [512, 256, 128])
     critic_hidden: list[int] = dataclasses.field(default_factory=lambda: [768, 256, 128])
-    # The task's robot and observation layout (configs/algo/*.yaml interpolate them from the task).
+    # The task's robot and observation layout (configs/algo/shared/constrained.yaml interpolates them from the task).
     robot: str = ""
     observation: dict[str, float] = dataclasses.field(default_factory=dict)
     history: int = 1
@@ -70,6 +73,7 @@ class ConstrainedConfig(PPOConfig):
         default_factory=lambda: {"hip_pitch": -1.0, "knee": 2.0, "ankle": -1.0})   # keeps the sole level
     ref_first_swing: str = "_r"          # humanoid_walk: left stance while phase < ½
     cost_window: int = 100               # finished episodes behind each J_C
+    cost_estimate: str = "episodes"      # J_C of the per-step costs: the last cost_window episodes, or this rollout
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,8 +88,13 @@ class ConstrainedConfig(PPOConfig):
             raise ValueError(f"algo.mirror_fraction must be in (0, 1], got {self.mirror_fraction}")
         if self.cost_window < 1:
             raise ValueError(f"algo.cost_window must be >= 1, got {self.cost_window}")
+        if self.cost_estimate not in COST_ESTIMATES:
+            raise ValueError(f"algo.cost_estimate must be one of {', '.join(COST_ESTIMATES)}; got '{self.cost_estimate}'")
+        if self.cost_estimate == "rollout" and self.energy_unit == "J":
+            raise ValueError("algo.cost_estimate=rollout measures a rate, and a rollout holds no whole episodes: "
+                             "with algo.energy_unit=J (energy per episode) use algo.cost_estimate=episodes")
         if not self.robot or not self.observation:
-            raise ValueError("algo.robot and algo.observation are empty; configs/algo/<method>.yaml fills them from "
+            raise ValueError("algo.robot and algo.observation are empty; configs/algo/shared/constrained.yaml fills them from "
                              "the task (${task.robot}, ${task.observation}, ${task.history})")
 
 
@@ -153,6 +162,12 @@ class EpisodeCosts:
         itself, and 0 for a total (an episode's total ends with the episode)."""
         per = {"rate": self.dt, "mean": 1.0, "total": 0.0}
         return J * torch.tensor([per[m] for m in self.modes])
+
+    def rollout_estimate(self, costs: torch.Tensor) -> torch.Tensor:
+        """The statistics of a rollout's costs (T, N, K), as if each env's T steps were one episode
+        (for a rate or a mean: the same quantity as the episodes', measured on the current policy)."""
+        T, N, _ = costs.shape
+        return self.statistic(costs.sum(0), torch.full((N,), float(T))).mean(0)
 
     def estimate(self) -> torch.Tensor:
         if self.finished:
@@ -277,7 +292,8 @@ class ConstrainedPPO(PPO):
         T, N = b.rewards.shape
         rollout_obs = b.obs.reshape(T * N, -1)
         with torch.no_grad():
-            self.J = self.episodes.estimate()
+            rollout = self.cfg.cost_estimate == "rollout"
+            self.J = self.episodes.rollout_estimate(self.costs) if rollout else self.episodes.estimate()
             if self.mirror_obs is not None:
                 rows = rollout_obs[torch.randperm(T * N)[:self.mirror_rows(T * N)]]
                 means = self.model.action_mean(torch.cat([rows, self.mirror_obs(rows)]))   # one pass, as in PPO's

@@ -178,6 +178,25 @@ def test_energy_cost_is_the_task_info_energy():
     assert stats["constraint/J1_energy_W"] == pytest.approx(np.mean(finished), rel=1e-5)
 
 
+def test_rollout_estimate_is_the_rollouts_own_power():
+    """algo.cost_estimate=rollout: J_C1 is this rollout's energy over its duration (W), not the
+    finished episodes' (which trail the policy)."""
+    from robotrl.runner import build
+    cfg = compose_train_config(["algo=crpo", "algo.cost_estimate=rollout", "num_envs=3", "task.episode_s=0.1",
+                                "algo.steps_per_env=12", "algo.actor_hidden=[16]", "algo.critic_hidden=[16]"])
+    env, algo = build(cfg)
+    obs, info = env.reset(seed=0)
+    critic, energy = info["critic_obs"], []
+    for _ in range(12):
+        obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
+        critic = info["critic_obs"]
+        energy.append(info["energy_j"])
+    algo.episodes.finished.extend([torch.tensor([1e3])] * 5)   # stale episodes at 1 kW: the estimate must not see them
+    stats = algo.update(torch.as_tensor(critic), progress=0.0, step=36)
+    assert stats["constraint/J1_energy_W"] == pytest.approx(np.mean(energy) / env.task.dt, rel=1e-5)
+    assert stats["constraint/J1_energy_W"] < 200
+
+
 @pytest.mark.parametrize("unit", ["W", "J"])
 def test_a_fall_does_not_make_a_rate_constraint_cheaper(unit):
     """Every step costs the same; env 1 falls after step 5. Measured as a rate (W), its cost-to-go at
@@ -235,24 +254,30 @@ def test_each_method_trains_and_logs_its_multipliers(runs, name):
 
 
 # ---- configs and errors ----
-def test_baseline_configs_share_ecos_keys():
-    eco = yaml.safe_load((CONFIG_DIR / "algo" / "eco.yaml").read_text())
-    for name in ("ppo_shaping", "ipo", "p3o", "crpo", "pid_lagrangian"):
-        other = yaml.safe_load((CONFIG_DIR / "algo" / f"{name}.yaml").read_text())
-        shared = {k: v for k, v in eco.items() if k not in ("name", "lambda_lr")}
-        assert {k: other.get(k) for k in shared} == shared, name
+def test_every_constrained_method_runs_the_shared_keys():
+    """ECO and its baselines extend configs/algo/shared/constrained.yaml; none may set a shared key
+    differently, or the methods would not compare fairly."""
+    shared = yaml.safe_load((CONFIG_DIR / "algo" / "shared" / "constrained.yaml").read_text())
+    for name in ("eco", "ppo_shaping", "ipo", "p3o", "crpo", "pid_lagrangian"):
+        cfg = OmegaConf.to_container(compose_train_config([f"algo={name}"]))
+        algo, task = cfg["algo"], cfg["task"]
+        expected = {**shared, **{k: task[k] for k in ("robot", "observation", "history")}}   # interpolated
+        assert {k: algo[k] for k in expected} == expected, name
+        assert algo["name"] == name
 
 
 @pytest.mark.parametrize("override, key", [("algo.energy_budget=-5", "algo.energy_budget"),
                                            ("algo.motion_budget=0", "algo.motion_budget"),
                                            ("algo.motion=gait_style", "algo.motion"),
-                                           ("algo.energy_unit=kWh", "algo.energy_unit")])
+                                           ("algo.energy_unit=kWh", "algo.energy_unit"),
+                                           ("algo.cost_estimate=window", "algo.cost_estimate"),
+                                           ("algo.cost_estimate=rollout algo.energy_unit=J", "algo.cost_estimate")])
 @pytest.mark.parametrize("algo", ["eco", "p3o"])
 def test_bad_budget_or_constraint_name_is_named(algo, override, key, capsys, tmp_path):
-    cfg = compose_train_config([f"algo={algo}", override])
+    cfg = compose_train_config([f"algo={algo}", *override.split()])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         algo_config(OmegaConf.to_container(cfg.algo))
-    assert main(["train", f"algo={algo}", override, f"run_dir={tmp_path}/r", *TINY]) == 2
+    assert main(["train", f"algo={algo}", *override.split(), f"run_dir={tmp_path}/r", *TINY]) == 2
     assert key in capsys.readouterr().err
 
 
