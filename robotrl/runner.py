@@ -55,6 +55,9 @@ def train(cfg: DictConfig) -> Path:
         run_dir = run_dir_of(resume)
         saved.run_dir = str(run_dir)
         cfg = saved
+    init_lr = cfg.get("init_lr", "source")   # runs saved before the key resume with its default
+    if init_lr not in ("source", "config"):
+        raise ValueError(f"init_lr must be 'source' or 'config', got '{init_lr}'")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -70,7 +73,13 @@ def train(cfg: DictConfig) -> Path:
         torch.set_rng_state(ckpt["torch_rng"])
         print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
     elif cfg.get("init_from"):
-        init_policy(algo.model, cfg.init_from)
+        source = init_policy(algo.model, cfg.init_from)
+        source_lr = source.get("algo_state", {}).get("lr")
+        if init_lr == "source" and algo.cfg.lr_schedule == "adaptive" and source_lr is not None:
+            # A fresh Adam at algo.lr (1e-3) on a policy whose action std has shrunk to ~0.1 moved it by
+            # a KL of ~30 in the first update and toppled a trained walker for ~35 iterations.
+            algo.lr = float(source_lr)
+            print(f"learning rate {algo.lr:.1e}: where {cfg.init_from}'s adaptive schedule ended (init_lr=source)")
     logger = MetricsLogger(run_dir, resume_at=env_steps if ckpt is not None else None)
     per_iter = env.num_envs * algo.cfg.steps_per_env
     total_iters = max(1, int(np.ceil(cfg.total_steps / per_iter)))
@@ -123,10 +132,12 @@ def train(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def init_policy(model: torch.nn.Module, source: str) -> None:
+def init_policy(model: torch.nn.Module, source: str) -> dict:
     """Start from another run's policy (fine-tuning, e.g. ECO from a PPO walker): every tensor
-    whose name and shape match is copied; the rest (a cost critic, say) keeps its fresh init."""
-    theirs = load_checkpoint(source)["model"]
+    whose name and shape match is copied; the rest (a cost critic, say) keeps its fresh init.
+    Returns the source checkpoint."""
+    checkpoint = load_checkpoint(source)
+    theirs = checkpoint["model"]
     ours = model.state_dict()
     taken = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
     if not taken:
@@ -134,6 +145,7 @@ def init_policy(model: torch.nn.Module, source: str) -> None:
     model.load_state_dict(taken, strict=False)
     fresh = sorted(set(ours) - set(taken))
     print(f"initialised {len(taken)}/{len(ours)} tensors from {source}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    return checkpoint
 
 
 def finish(run_dir: Path, cfg: DictConfig, algo) -> None:
