@@ -157,43 +157,44 @@ def test_reference_gait_lifts_the_right_leg_in_the_first_half():
 
 
 # ---- the energy cost is the task's ----
-def test_energy_cost_is_the_task_info_energy():
+def _rollout(*overrides):
+    """A tiny constrained run's first 12-step rollout: (env, algo, last critic obs, each step's info)."""
     from robotrl.runner import build
-    cfg = compose_train_config(["algo=eco", "num_envs=3", "task.episode_s=0.1", "algo.steps_per_env=12",
+    cfg = compose_train_config([*overrides, "num_envs=3", "task.episode_s=0.1", "algo.steps_per_env=12",
                                 "algo.actor_hidden=[16]", "algo.critic_hidden=[16]"])
     env, algo = build(cfg)
     obs, info = env.reset(seed=0)
-    critic, finished = info["critic_obs"], []
-    for t in range(12):
+    critic, infos = info["critic_obs"], []
+    for _ in range(12):
         obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
         critic = info["critic_obs"]
+        infos.append(info)
+    return env, algo, torch.as_tensor(critic), infos
+
+
+def test_energy_cost_is_the_task_info_energy():
+    env, algo, critic, infos = _rollout("algo=eco")
+    finished = []
+    for t, info in enumerate(infos):
         np.testing.assert_allclose(algo.costs[t, :, 0].numpy(), info["energy_j"], rtol=1e-6)
         if "_final_obs" in info:
             done = info["_final_obs"]
             finished += (info["episode_energy_j"][done] / (info["episode_length"][done] * env.task.dt)).tolist()
-    assert finished and info["energy_j"].min() > 0
+    assert finished and infos[-1]["energy_j"].min() > 0
     # J_C1: mean over finished episodes of episode energy / duration, in W, from the task's own numbers
     assert algo.episodes.estimate()[0].item() == pytest.approx(np.mean(finished), rel=1e-5)
-    stats = algo.update(torch.as_tensor(critic), progress=0.0, step=36)
+    stats = algo.update(critic, progress=0.0, step=36)
     assert stats["constraint/J1_energy_W"] == pytest.approx(np.mean(finished), rel=1e-5)
 
 
 def test_rollout_estimate_is_the_rollouts_own_power():
     """algo.cost_estimate=rollout: J_C1 is this rollout's energy over its duration (W), not the
     finished episodes' (which trail the policy)."""
-    from robotrl.runner import build
-    cfg = compose_train_config(["algo=crpo", "algo.cost_estimate=rollout", "num_envs=3", "task.episode_s=0.1",
-                                "algo.steps_per_env=12", "algo.actor_hidden=[16]", "algo.critic_hidden=[16]"])
-    env, algo = build(cfg)
-    obs, info = env.reset(seed=0)
-    critic, energy = info["critic_obs"], []
-    for _ in range(12):
-        obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
-        critic = info["critic_obs"]
-        energy.append(info["energy_j"])
+    env, algo, critic, infos = _rollout("algo=crpo", "algo.cost_estimate=rollout")
     algo.episodes.finished.extend([torch.tensor([1e3])] * 5)   # stale episodes at 1 kW: the estimate must not see them
-    stats = algo.update(torch.as_tensor(critic), progress=0.0, step=36)
-    assert stats["constraint/J1_energy_W"] == pytest.approx(np.mean(energy) / env.task.dt, rel=1e-5)
+    stats = algo.update(critic, progress=0.0, step=36)
+    power = np.mean([info["energy_j"] for info in infos]) / env.task.dt
+    assert stats["constraint/J1_energy_W"] == pytest.approx(power, rel=1e-5)
     assert stats["constraint/J1_energy_W"] < 200
 
 
