@@ -9,7 +9,7 @@ C1 energy. Per-step cost c1 = info["energy_j"], the task's Σ_legs |τ·q̇| int
   energy itself (J per episode; note that an early fall then looks cheap). Until the first
   episode ends, the running episodes stand in. With cost_estimate=rollout, J_C1 is this
   iteration's rollout energy / its duration instead: the same rate without the episodes' lag
-  (a 1,000-step episode trails the policy by tens of iterations), for methods that switch on it.
+  (a 1,000-step episode trails the policy by tens of iterations).
 C2 reference motion (algo.motion):
   symmetry        J_C2 = mean over the rollout of ‖π(s) − M_a π(M_s s)‖² on the action means, mean
                   over joints (action units²); M_s, M_a from robotrl/mirror.py (gait clock + ½ period).
@@ -53,7 +53,7 @@ class ConstrainedConfig(PPOConfig):
     entropy_coef: float = 0.001
     actor_hidden: list[int] = dataclasses.field(default_factory=lambda: [512, 256, 128])
     critic_hidden: list[int] = dataclasses.field(default_factory=lambda: [768, 256, 128])
-    # The task's robot and observation layout (configs/algo/shared/constrained.yaml interpolates them from the task).
+    # The task's robot and observation layout (configs/algo/shared/constrained.yaml takes them from the task).
     robot: str = ""
     observation: dict[str, float] = dataclasses.field(default_factory=dict)
     history: int = 1
@@ -89,13 +89,14 @@ class ConstrainedConfig(PPOConfig):
         if self.cost_window < 1:
             raise ValueError(f"algo.cost_window must be >= 1, got {self.cost_window}")
         if self.cost_estimate not in COST_ESTIMATES:
-            raise ValueError(f"algo.cost_estimate must be one of {', '.join(COST_ESTIMATES)}; got '{self.cost_estimate}'")
+            raise ValueError(f"algo.cost_estimate must be one of {', '.join(COST_ESTIMATES)}; "
+                             f"got '{self.cost_estimate}'")
         if self.cost_estimate == "rollout" and self.energy_unit == "J":
             raise ValueError("algo.cost_estimate=rollout measures a rate, and a rollout holds no whole episodes: "
                              "with algo.energy_unit=J (energy per episode) use algo.cost_estimate=episodes")
         if not self.robot or not self.observation:
-            raise ValueError("algo.robot and algo.observation are empty; configs/algo/shared/constrained.yaml fills them from "
-                             "the task (${task.robot}, ${task.observation}, ${task.history})")
+            raise ValueError("algo.robot and algo.observation are empty; configs/algo/shared/constrained.yaml "
+                             "fills them from the task (${task.robot}, ${task.observation}, ${task.history})")
 
 
 class ReferenceGait:

@@ -230,7 +230,6 @@ def test_init_from_copies_the_policy_and_keeps_new_parts_fresh(run, capsys):
     assert "fresh: cost_head" in capsys.readouterr().out
 
 
-
 def test_fine_tuning_starts_at_the_source_runs_learning_rate(run, tmp_path):
     """A trained policy's action std is small, and a fresh Adam at algo.lr moves its means by many
     of those stds in the first update (a walker toppled for ~35 iterations at every fine-tuning
