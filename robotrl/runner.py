@@ -74,11 +74,7 @@ def train(cfg: DictConfig) -> Path:
         print(f"resumed {run_dir} at iteration {iteration}, {env_steps} env steps")
     elif cfg.get("init_from"):
         source = init_policy(algo.model, cfg.init_from)
-        source_lr = source.get("algo_state", {}).get("lr")
-        if init_lr == "source" and algo.cfg.lr_schedule == "adaptive" and source_lr is not None:
-            # A fresh Adam at algo.lr (1e-3) on a policy whose action std has shrunk to ~0.1 moved it by
-            # a KL of ~30 in the first update and toppled a trained walker for ~35 iterations.
-            algo.lr = float(source_lr)
+        if init_lr == "source" and algo.continue_learning_rate(source.get("algo_state", {})):
             print(f"learning rate {algo.lr:.1e}: where {cfg.init_from}'s adaptive schedule ended (init_lr=source)")
     logger = MetricsLogger(run_dir, resume_at=env_steps if ckpt is not None else None)
     per_iter = env.num_envs * algo.cfg.steps_per_env
