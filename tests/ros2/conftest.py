@@ -52,10 +52,13 @@ def pytest_terminal_summary(terminalreporter):
     of a flake is what a fix needs, and CI keeps nothing else."""
     for report in terminalreporter.stats.get("rerun", []):
         crash = getattr(report.longrepr, "reprcrash", None)
-        message = (crash.message if crash is not None else str(report.longrepr)).splitlines()[0]
+        lines = (crash.message if crash is not None else str(report.longrepr)).splitlines()
+        # wait_for's context comes after the first line; a test's own summary there (not a node's
+        # "[name] …" output) is kept: e.g. how high the cube got
+        message = " | ".join(lines[:2] if len(lines) > 1 and not lines[1].lstrip().startswith("[") else lines[:1])
         text = report.longreprtext + "\n" + report.capstdout   # the graph's output is in the message
         faults = [line for line in text.splitlines()   # lines of the nodes, "[policy] …"
                   if line.lstrip().startswith("[") and ("fault" in line or "watchdog" in line)]
-        terminalreporter.write_line(f"RERUN CAUSE {report.nodeid}: {message[:300]}")
+        terminalreporter.write_line(f"RERUN CAUSE {report.nodeid}: {message[:600]}")
         for line in faults[-6:]:
             terminalreporter.write_line(f"    {line[:300]}")
