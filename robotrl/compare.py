@@ -47,13 +47,28 @@ def train_runs(out: Path, methods: list[str], budgets: list[str], steps: int, se
     return runs
 
 
+def unique_labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing parts of each path that tell it from the others: eco_b75 while it is the
+    only one, chain2/eco_b75 beside chain_sym/eco_b75. Labels name the report's rows and its artifact
+    and eval files (out/artifacts/chain2/eco_b75.pt), so a path given twice gets its position too."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, own in enumerate(parts):
+        n = 1
+        while n < len(own) and any(o[-n:] == own[-n:] for j, o in enumerate(parts) if j != i and o != own):
+            n += 1
+        label = "/".join(own[-n:])
+        labels.append(label if parts.index(own) == i else f"{label}_{i}")
+    return labels
+
+
 def describe_run(run: Path) -> dict:
     """What the report needs from a run folder: its method, budgets and last logged constraint values."""
     from robotrl.logging import read_csv
     algo = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))["algo"]
     # A budget-free method's energy_budget is a default it never trained against: no b1 for it.
     constrained = algo["name"] not in BUDGET_FREE
-    row = {"label": run.name, "run": str(run), "method": algo["name"], "motion": algo.get("motion"),
+    row = {"run": str(run), "method": algo["name"], "motion": algo.get("motion"),
            "energy_unit": algo.get("energy_unit"), "b1": algo.get("energy_budget") if constrained else None,
            "energy_weight": algo.get("energy_weight"),
            "b2": algo.get("motion_budget") if algo.get("motion") != "none" else None}
@@ -186,11 +201,9 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
             raise FileNotFoundError(f"{r} is not a run folder (no config.yaml / metrics.csv)")
     from real.artifact import read_manifest
     rows = [describe_run(r) for r in run_dirs]
-    rows += [{"label": Path(a).stem, "artifact": a, "method": read_manifest(a)["training"]["algo"]}
-             for a in artifacts]
-    for i, row in enumerate(rows):   # labels name the artifact and eval files: keep them unique
-        if [r["label"] for r in rows[:i]].count(row["label"]):
-            row["label"] += f"_{i}"
+    rows += [{"artifact": a, "method": read_manifest(a)["training"]["algo"]} for a in artifacts]
+    for row, label in zip(rows, unique_labels([*run_dirs, *(Path(a).with_suffix("") for a in artifacts)])):
+        row["label"] = label
     evaluate_rows(rows, out, episodes, seed, eval_envs, command)
     plots = plot_report(rows, out)
     write_markdown(rows, plots, out / "report.md")

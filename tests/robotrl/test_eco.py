@@ -309,6 +309,17 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
     assert 0.0 <= rows["eco_b20"]["success_rate"] <= 1.0 and rows["eco_b20"]["power_w"] > 0
 
 
+def test_report_labels_tell_runs_of_the_same_name_apart():
+    """Two chains have stages of the same name: each row, artifact and eval file gets the shortest
+    trailing path that is its own, not a position number."""
+    from robotrl.compare import unique_labels
+    paths = [Path("runs/chain2/eco_b75"), Path("runs/chain_sym/eco_b75"), Path("runs/chain2/eco_b11"),
+             Path("docs/artifacts/kid_biped_walk_eco")]
+    assert unique_labels(paths) == ["chain2/eco_b75", "chain_sym/eco_b75", "eco_b11", "kid_biped_walk_eco"]
+    assert unique_labels([Path("/r/a/x"), Path("/r/b/a/x")]) == ["r/a/x", "b/a/x"]   # one path ends the other
+    assert unique_labels([Path("a/x"), Path("a/x")]) == ["x", "x_1"]   # one run given twice
+
+
 def test_resume_restores_the_multipliers_optimiser_and_cost_window(runs, tmp_path):
     """A resumed ECO run goes on with λ's Adam moments, the optimiser's and the window of finished
     episodes' costs that J is estimated from, not fresh ones."""
