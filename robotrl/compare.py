@@ -162,13 +162,16 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     axes[0].set_title("multipliers (effective constraint weights) over training")
     written.append(_save(fig, out / "multipliers_over_training.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r.get("b1") or 0)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    # One series per method and folder (chain2/eco_b75 and chain_sym/eco_b75 are two chains of
+    # one method); each point is named by its run and budget.
+    series = lambda r: r["method"] + (f" · {r['label'].rsplit('/', 1)[0]}" if "/" in r["label"] else "")  # noqa: E731
+    for name in dict.fromkeys(series(r) for r in rows):
+        pts = [r for r in rows if series(r) == name]
         # points, not a line: runs of one method may differ in more than the budget (length, start)
-        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o", label=method)
+        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o", label=name)
         for r in pts:
-            label = r["label"] + (f" (b1={_fmt(r['b1'])})" if r.get("b1") is not None else "")
+            label = r["label"].rsplit("/", 1)[-1] + (f" (b1={_fmt(r['b1'])})" if r.get("b1") is not None else "")
             ax.annotate(label, (r["power_w"], r["vel_error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="average power in evaluation (W)", ylabel="velocity-tracking error (m/s)",
            title="energy–tracking trade-off across budgets")
