@@ -163,10 +163,9 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     written.append(_save(fig, out / "multipliers_over_training.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    # One series per method and folder (chain2/eco_b75 and chain_sym/eco_b75 are two chains of
-    # one method); each point is named by its run and budget.
-    series = lambda r: r["method"] + (f" · {r['label'].rsplit('/', 1)[0]}" if "/" in r["label"] else "")  # noqa: E731
-    for name in dict.fromkeys(series(r) for r in rows):
+    def series(r: dict) -> str:   # chain2/eco_b75 and chain_sym/eco_b75: two chains of one method
+        return r["method"] + (f" · {r['label'].rsplit('/', 1)[0]}" if "/" in r["label"] else "")
+    for name in dict.fromkeys(series(r) for r in rows):   # each point named by its run and budget
         pts = [r for r in rows if series(r) == name]
         # points, not a line: runs of one method may differ in more than the budget (length, start)
         ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o", label=name)
