@@ -90,7 +90,8 @@ def evaluate_rows(rows: list[dict], out: Path, episodes: int, seed: int, num_env
         result = evaluate_artifact(row["artifact"], episodes=episodes, seed=seed, num_envs=num_envs, command=command,
                                    out=out / "eval" / f"{row['label']}.json")
         row.update(power_w=result["mean_power_w"], episode_energy_j=result["episode_energy_j_mean"],
-                   vel_error=result.get("vel_tracking_error", math.nan), success_rate=result["success_rate"])
+                   vel_error=result.get("vel_tracking_error", math.nan), success_rate=result["success_rate"],
+                   joint_power_w=result.get("joint_power_w"))
         # C1 on the evaluation, in the budget's own unit; C2 on the last training iteration (the
         # mirror loss and the reference deviation are training-side quantities).
         if row.get("b1") is not None:
@@ -128,6 +129,12 @@ def write_markdown(rows: list[dict], plots: list[Path], path: Path) -> None:
         lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_energy_term(r)} | {_fmt(r['power_w'], '.2f')} "
                      f"| {_fmt(r['vel_error'], '.3f')} | {r['success_rate']:.0%} | {_fmt(r.get('c1_ok'))} "
                      f"| {_fmt(r.get('train_J2'))} | {_fmt(r.get('b2'))} | {_fmt(r.get('c2_ok'))} |")
+    joints = next((list(r["joint_power_w"]) for r in rows if r.get("joint_power_w")), [])
+    if joints:   # where each walker spends its power
+        lines += ["", "Where the power goes: mean |τ·q̇| per joint in the same evaluation (W; the row sums to the "
+                  "power above).", "", f"| run | {' | '.join(joints)} |", "|---|" + "---|" * len(joints)]
+        lines += [f"| {r['label']} | " + " | ".join(_fmt(r["joint_power_w"].get(j), ".2f") for j in joints) + " |"
+                  for r in rows if r.get("joint_power_w")]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     path.write_text("\n".join(lines))
 

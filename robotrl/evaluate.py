@@ -59,7 +59,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     act = _policy(art, path, n)
     obs, _ = env.reset(seed=seed)
     returns, successes, falls, lengths = [], [], 0, []
-    power, vel_err, energy = [], [], []
+    power, joint_power, vel_err, energy = [], [], [], []
     started = n
     active = np.ones(n, dtype=bool)
     starts = np.ones(n, dtype=bool)
@@ -68,6 +68,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
         starts = terminated | truncated   # those envs were reset: a new episode begins
         if "power_w" in info:   # walking tasks report mechanical power; tabletop tasks do not
             power.append(info["power_w"][active])
+            joint_power.append(info["joint_power_w"][active])
         if "vel_error" in info:
             vel_err.append(info["vel_error"][active])
         done = (terminated | truncated) & active
@@ -90,6 +91,8 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
               "task": task_cfg.name, "overrides": list(overrides or []), "command": cmd, "seed": seed}
     if vel_err:
         result["vel_tracking_error"] = float(np.mean(np.concatenate(vel_err)))
+    if joint_power:   # where the power goes: mean |τ·q̇| per joint, W (they sum to mean_power_w)
+        result["joint_power_w"] = dict(zip(art.joint_names, np.concatenate(joint_power).mean(0).tolist()))
     print(json.dumps(result, indent=1))
     if out:
         out = Path(out)

@@ -2,8 +2,9 @@
 
 A task is the robot's twin, a few named reward and observation functions, and one default
 config (configs/task/humanoid_walk.yaml). Everything here is batched over environments.
-Mechanical power sum_j |tau_j * dq_j| is integrated at the physics rate and reported in info;
-it is never part of the reward (ECO constrains it instead).
+Mechanical power sum_j |tau_j * dq_j| is integrated at the physics rate and reported in info
+(power_w, energy_j, and per joint joint_power_w, in the robot config's joint order); it is never
+part of the reward (ECO constrains it instead).
 """
 from __future__ import annotations
 
@@ -264,7 +265,8 @@ class HumanoidWalk:
         self._push()
         sim.step(self._ctrl)
         sd = sim.sensordata
-        power = np.abs(sd[:, :, self.sensor_tau] * sd[:, :, self.sensor_dq]).sum(axis=2)  # (B, substeps) W
+        joint_power = np.abs(sd[:, :, self.sensor_tau] * sd[:, :, self.sensor_dq])   # (B, substeps, joints) W
+        power = joint_power.sum(axis=2)  # (B, substeps) W
         energy = power.sum(axis=1) / r.physics_hz
         self.episode_energy += energy
         self.contact[:] = sd[:, -1, self.sensor_touch] > 0
@@ -282,7 +284,8 @@ class HumanoidWalk:
         lag = self.rng.integers(lo, hi + 1, self.num_envs) if hi > 0 else None
         self.history[:, :-1] = self.history[:, 1:]
         self.history[:, -1] = self._frame(lag=lag)
-        info = {"power_w": power.mean(axis=1), "energy_j": energy, "episode_energy_j": self.episode_energy.copy(),
+        info = {"power_w": power.mean(axis=1), "joint_power_w": joint_power.mean(axis=1), "energy_j": energy,
+                "episode_energy_j": self.episode_energy.copy(),
                 "vel_error": np.linalg.norm(self.command[:, :2] - lin_vel[:, :2], axis=1),
                 "yaw_rate_error": np.abs(self.command[:, 2] - sim.qvel[:, 5]),
                 **{f"reward/{k}": v * self.dt for k, v in terms.items()}}

@@ -307,6 +307,11 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
     assert rows["ppo_shaping"]["b1"] is None and "c1_ok" not in rows["ppo_shaping"]
     assert f"| reward −{rows['ppo_shaping']['energy_weight']:.3g}/J |" in table
     assert 0.0 <= rows["eco_b20"]["success_rate"] <= 1.0 and rows["eco_b20"]["power_w"] > 0
+    # where the power goes: one figure per leg joint, in the robot's order, summing to the row's power
+    joints = rows["eco_b20"]["joint_power_w"]
+    assert list(joints) == list(load_robot("kid_biped").joint_names)
+    assert sum(joints.values()) == pytest.approx(rows["eco_b20"]["power_w"], rel=1e-6)
+    assert f"| eco_b20 | {joints['hip_yaw_l']:.2f} | {joints['hip_roll_l']:.2f} |" in table
 
 
 def test_report_labels_tell_runs_of_the_same_name_apart():

@@ -70,14 +70,17 @@ def test_energy_equals_direct_sum_of_torque_times_velocity():
     _, _, _, _, info = env.step(action)
     target = task.robot.q_default + task.cfg.action_scale * action
     d.ctrl[task.act_ids] = target
-    energy = 0.0
+    joint_energy = np.zeros(10)
     for _ in range(task.substeps):  # power at each physics step's state, then integrate
         mujoco.mj_forward(m, d)
-        energy += np.abs(d.actuator_force[task.act_ids] * d.qvel[task.dadr]).sum() / task.robot.physics_hz
+        joint_energy += np.abs(d.actuator_force[task.act_ids] * d.qvel[task.dadr]) / task.robot.physics_hz
         mujoco.mj_step(m, d)
-    assert energy > 0.01
+    energy = joint_energy.sum()
+    assert energy > 0.01 and (joint_energy > 0).sum() >= 5
     assert info["energy_j"] == pytest.approx(energy, rel=1e-6)
     assert info["power_w"] == pytest.approx(energy * task.robot.control_hz, rel=1e-6)
+    # per joint, in the robot config's order
+    np.testing.assert_allclose(info["joint_power_w"], joint_energy * task.robot.control_hz, rtol=1e-6, atol=1e-9)
 
 
 def test_action_delay_holds_previous_target():
