@@ -27,6 +27,21 @@ def save_atomic(obj: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
+def save_checkpoint(obj: dict, run_dir: Path, keep_as: str | None = None) -> None:
+    """A run's checkpoints/last.pt, written atomically. With keep_as, the same checkpoint also stays as
+    checkpoints/<keep_as>.pt (keep_checkpoints=true): a hard link, so no second write, and the next
+    last.pt replaces the name, not this file."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    save_atomic(obj, last)
+    if keep_as:
+        kept = last.with_name(f"{keep_as}.pt")
+        kept.unlink(missing_ok=True)   # a resumed run may pass the same step again
+        try:
+            os.link(last, kept)
+        except OSError:                # a file system without hard links
+            save_atomic(obj, kept)
+
+
 def run_dir_of(path: str | Path) -> Path:
     """The run folder of a run folder or of a checkpoint in its checkpoints/ (where it is now)."""
     path = Path(path)

@@ -73,7 +73,28 @@ def compose_train_config(overrides: list[str]):
     except HydraException as e:
         raise UsageError(str(e)) from None
     OmegaConf.resolve(cfg)
+    check_run_keys(cfg)
     return cfg
+
+
+# The run's own keys (configs/config.yaml) and what each must be; task.* and algo.* have their schemas.
+RUN_KEYS = {"seed": (int, 0), "num_envs": (int, 1), "nthread": (int, 1), "total_steps": (float, 1),
+            "checkpoint_every": (int, 1), "video_seconds": (float, 0), "progress": bool, "video": bool,
+            "keep_checkpoints": bool}
+
+
+def check_run_keys(cfg) -> None:
+    for key, rule in RUN_KEYS.items():
+        value = cfg[key]
+        if rule is bool:
+            if not isinstance(value, bool):
+                raise UsageError(f"{key} must be true or false, got '{value}'")
+            continue
+        kind, least = rule
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and value != int(value)) or value < least:
+            what = "an integer" if kind is int else "a number"
+            raise UsageError(f"{key} must be {what} >= {least}, got '{value}'")
 
 
 def cmd_train(args: list[str]) -> Path:

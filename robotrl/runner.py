@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from robotrl.checkpoint import load_checkpoint, run_dir_of, save_atomic
+from robotrl.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
 from robotrl.logging import MetricsLogger, plot_curves
 
 PARITY_ROWS = 512
@@ -117,11 +117,11 @@ def train(cfg: DictConfig) -> Path:
         bar.update(per_iter)
         bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W")
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
-            save_atomic({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
+            save_checkpoint({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
                          "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
                          "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs,
                          "parity_starts": parity_starts},
-                        run_dir / "checkpoints" / "last.pt")
+                        run_dir, keep_as=f"step_{env_steps}" if cfg.get("keep_checkpoints", False) else None)
     bar.close()
     logger.close()
     finish(run_dir, cfg, algo)

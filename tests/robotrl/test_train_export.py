@@ -25,7 +25,7 @@ TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32,32]", "alg
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run") / "walk"
-    assert main(["train", *TINY, "total_steps=192", "video_seconds=1", f"run_dir={d}"]) == 0
+    assert main(["train", *TINY, "total_steps=192", "video_seconds=1", "keep_checkpoints=true", f"run_dir={d}"]) == 0
     return d
 
 
@@ -42,6 +42,18 @@ def test_run_folder_has_everything(run):
     assert (run / "rollout.mp4").stat().st_size > 1000
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 and rows[0].startswith("env_steps")
+
+
+def test_kept_checkpoints_are_each_iterations_policy_and_export(run, tmp_path):
+    """keep_checkpoints=true keeps every checkpoint under its step count (here every iteration of 64
+    steps); the newest is last.pt itself, an earlier one holds that iteration's weights and exports."""
+    import torch
+    kept = sorted((run / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem[5:]))
+    assert [p.name for p in kept] == ["step_64.pt", "step_128.pt", "step_192.pt"]
+    last, first = load_checkpoint(run), load_checkpoint(kept[0])
+    assert load_checkpoint(kept[-1])["iteration"] == last["iteration"] == 3 and first["iteration"] == 1
+    assert not torch.equal(first["model"]["actor.0.weight"], last["model"]["actor.0.weight"])
+    assert main(["export", f"run={kept[0]}", f"out={tmp_path}/step_64.pt"]) == 0
 
 
 def test_export_parity_and_manifest(artifact):
@@ -176,6 +188,8 @@ def test_eval_writes_json(artifact, tmp_path):
     for key in ("return_mean", "falls", "vel_tracking_error", "mean_power_w"):
         assert np.isfinite(res[key])
     assert res["mean_power_w"] > 0
+    assert list(res["joint_power_w"]) == list(load_robot("kid_biped").joint_names)   # where the power goes
+    assert sum(res["joint_power_w"].values()) == pytest.approx(res["mean_power_w"], rel=1e-6)
 
 
 def test_resume_after_kill(tmp_path):
@@ -205,6 +219,10 @@ def test_resume_after_kill(tmp_path):
     (["train", "algo.lr=fast", *TINY], "algo.lr|lr"),
     (["train", "algo.gamma=2.0", *TINY], "algo.gamma"),
     (["train", "task.episode_s=-3", *TINY], "task.episode_s"),
+    (["train", "checkpoint_every=0"], "checkpoint_every must be an integer >= 1, got '0'"),
+    (["train", "num_envs=two"], "num_envs must be an integer >= 1, got 'two'"),
+    (["train", "total_steps=-5"], "total_steps must be a number >= 1"),
+    (["train", "video=maybe"], "video must be true or false, got 'maybe'"),
     (["export"], "run="),
     (["eval", "artifact=/nonexistent.pt"], "artifact not found"),
     (["frobnicate"], "unknown command"),
