@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -53,6 +54,30 @@ def parse_pairs(args: list[str], allowed: dict[str, object]) -> tuple[dict, list
         else:
             raise UsageError(f"unknown option '{k}'; allowed: {', '.join(sorted(allowed))} (or task.<key>=…)")
     return out, passthrough
+
+
+def number_option(opts: dict, key: str, least: float = 0, integer: bool = True) -> int | float:
+    """opts[key] as a number >= least (an integer unless integer=False; 1e6 reads as 1000000), or an
+    error that names the key."""
+    try:
+        value = float(opts[key])
+    except ValueError:
+        value = math.nan
+    if not value >= least or (integer and not value.is_integer()):
+        raise UsageError(f"{key} must be {'an integer' if integer else 'a number'} >= {least:g}, got '{opts[key]}'")
+    return int(value) if integer else value
+
+
+def numbers(opts: dict, key: str, n: int) -> list[float]:
+    """opts[key], a list like [0.2,0,0], as n numbers, or an error that names the key."""
+    from robotrl.compare import parse_list
+    try:
+        values = [float(v) for v in parse_list(opts[key])]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise UsageError(f"{key} must be {n} numbers like [{','.join(['0'] * n)}], got '{opts[key]}'")
+    return values
 
 
 def compose_train_config(overrides: list[str]):
@@ -109,7 +134,8 @@ def cmd_train(args: list[str]) -> Path:
             rest = [a for a in args if not a.startswith(("resume=", "algo.env_steps="))]
             if rest:
                 raise UsageError(f"resume= of an off-policy run takes only algo.env_steps=N besides; got {rest}")
-            env_steps = next((float(a.split("=", 1)[1]) for a in args if a.startswith("algo.env_steps=")), None)
+            given = dict(a.split("=", 1) for a in args if a.startswith("algo.env_steps="))
+            env_steps = number_option(given, "algo.env_steps", 1) if given else None
             return resume_offpolicy(resume, env_steps)
     cfg = compose_train_config(args)
     if cfg.task.robot not in available_robots():
@@ -134,8 +160,9 @@ def cmd_eval(args: list[str]) -> dict:
                                          "command": None, "num_envs": "10", "video": None})
     if not opts["artifact"]:
         raise UsageError("eval needs artifact=<file>")
-    return evaluate_artifact(opts["artifact"], episodes=int(opts["episodes"]), out=opts["out"], seed=int(opts["seed"]),
-                             command=opts["command"], overrides=overrides, num_envs=int(opts["num_envs"]),
+    return evaluate_artifact(opts["artifact"], episodes=number_option(opts, "episodes", 1), out=opts["out"],
+                             seed=number_option(opts, "seed"), command=opts["command"], overrides=overrides,
+                             num_envs=number_option(opts, "num_envs", 1),
                              video=opts["video"])
 
 
@@ -147,24 +174,26 @@ def cmd_compare(args: list[str]) -> Path:
     if opts["train"] not in ("true", "false"):
         raise UsageError(f"train must be true or false, got '{opts['train']}'")
     return compare(parse_list(opts["runs"]), parse_list(opts["artifacts"]), Path(opts["out"]),
-                   episodes=int(opts["episodes"]), seed=int(opts["seed"]), eval_envs=int(opts["eval_envs"]),
+                   episodes=number_option(opts, "episodes", 1), seed=number_option(opts, "seed"),
+                   eval_envs=number_option(opts, "eval_envs", 1),
                    command=opts["command"], train=opts["train"] == "true", methods=parse_list(opts["methods"]),
-                   budgets=parse_list(opts["budgets"]), steps=int(float(opts["steps"])),
-                   num_envs=int(opts["num_envs"]) if opts["num_envs"] else None, overrides=overrides)
+                   budgets=parse_list(opts["budgets"]), steps=number_option(opts, "steps", 1),
+                   num_envs=number_option(opts, "num_envs", 1) if opts["num_envs"] else None, overrides=overrides)
 
 
 def cmd_demo(args: list[str]) -> None:
     from robotrl.demo import demo
     opts, _ = parse_pairs(args, {"steps": "300000", "out": "runs/demo"})
-    demo(int(opts["steps"]), Path(opts["out"]))
+    demo(number_option(opts, "steps", 1), Path(opts["out"]))
 
 
 def cmd_demos(args: list[str]) -> Path:
     from robotrl.datasets import demos_command
     opts, overrides = parse_pairs(args, {"task": "arm_lift", "n": "50", "noise": "0.0", "failures": "0", "seed": "0",
                                          "out": None, "num_envs": "4"})
-    return demos_command(opts["task"], n=int(opts["n"]), noise=float(opts["noise"]), failures=int(opts["failures"]),
-                         seed=int(opts["seed"]), out=opts["out"], num_envs=int(opts["num_envs"]), overrides=overrides)
+    return demos_command(opts["task"], n=number_option(opts, "n", 1), noise=number_option(opts, "noise", integer=False),
+                         failures=number_option(opts, "failures"), seed=number_option(opts, "seed"), out=opts["out"],
+                         num_envs=number_option(opts, "num_envs", 1), overrides=overrides)
 
 
 def cmd_report(args: list[str]) -> dict:
@@ -185,23 +214,21 @@ def cmd_bench(args: list[str]) -> None:
 
 
 def cmd_operate(args: list[str]) -> None:
-    from robotrl.compare import parse_list
     from robotrl.operate import ACTIONS, call, publish
     action = args[0] if args and "=" not in args[0] else None
     opts, _ = parse_pairs(args[1:] if action else args, {"node": "policy", "wait": "10", "cmd_vel": None,
                                                          "goal": None, "robot": None})
-    wait_s = float(opts["wait"])
+    wait_s = number_option(opts, "wait", integer=False)
     if action:
         print(call(action, opts["node"], wait_s))
     elif opts["cmd_vel"]:
-        print(publish("cmd_vel", [float(v) for v in parse_list(opts["cmd_vel"])], node_name=opts["node"],
-                      wait_s=wait_s))
+        print(publish("cmd_vel", numbers(opts, "cmd_vel", 3), node_name=opts["node"], wait_s=wait_s))
     elif opts["goal"]:
         if not opts["robot"]:
             raise UsageError("goal needs robot=<name>: the goal is in that robot's base frame")
         from real.robot_spec import load_robot
         frame = load_robot(opts["robot"]).base_body
-        print(publish("goal", [float(v) for v in parse_list(opts["goal"])], frame, opts["node"], wait_s))
+        print(publish("goal", numbers(opts, "goal", 3), frame, opts["node"], wait_s))
     else:
         raise UsageError(f"operate needs one of {', '.join(ACTIONS)}, cmd_vel=[vx,vy,wz] or goal=[x,y,z]")
 

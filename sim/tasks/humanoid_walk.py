@@ -54,6 +54,8 @@ class HumanoidWalkConfig:
                 raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")
         if self.history < 1:
             raise ValueError(f"task.history must be >= 1, got {self.history}")
+        if self.physics_hz is not None and self.physics_hz <= 0:
+            raise ValueError(f"task.physics_hz must be > 0 (or null: the robot's rate), got {self.physics_hz}")
         unknown = sorted(set(self.reward) - set(REWARDS))
         if unknown:
             raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(REWARDS)}")
@@ -117,7 +119,7 @@ class HumanoidWalk:
     def __init__(self, cfg: HumanoidWalkConfig, num_envs: int = 1, nthread: int = 1):
         self.cfg = cfg
         self.robot = load_robot(cfg.robot)
-        if cfg.physics_hz:
+        if cfg.physics_hz is not None:
             self.robot = dataclasses.replace(self.robot, physics_hz=float(cfg.physics_hz))
         r = self.robot
         mj = robot_spec_editable(r)
