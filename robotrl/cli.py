@@ -170,7 +170,8 @@ def cmd_compare(args: list[str]) -> Path:
     from robotrl.compare import compare, parse_list
     opts, overrides = parse_pairs(args, {"runs": None, "artifacts": None, "out": "reports/compare", "episodes": "10",
                                          "seed": "0", "eval_envs": "10", "command": None, "train": "false",
-                                         "methods": None, "budgets": None, "steps": "1000000", "num_envs": None})
+                                         "methods": None, "budgets": None, "steps": "1000000", "num_envs": None,
+                                         "eval_seeds": None})
     if opts["train"] not in ("true", "false"):
         raise UsageError(f"train must be true or false, got '{opts['train']}'")
     return compare(parse_list(opts["runs"]), parse_list(opts["artifacts"]), Path(opts["out"]),
@@ -178,7 +179,8 @@ def cmd_compare(args: list[str]) -> Path:
                    eval_envs=number_option(opts, "eval_envs", 1),
                    command=opts["command"], train=opts["train"] == "true", methods=parse_list(opts["methods"]),
                    budgets=parse_list(opts["budgets"]), steps=number_option(opts, "steps", 1),
-                   num_envs=number_option(opts, "num_envs", 1) if opts["num_envs"] else None, overrides=overrides)
+                   num_envs=number_option(opts, "num_envs", 1) if opts["num_envs"] else None, overrides=overrides,
+                   eval_seeds=[number_option({"eval_seeds": v}, "eval_seeds") for v in parse_list(opts["eval_seeds"])])
 
 
 def cmd_demo(args: list[str]) -> None:

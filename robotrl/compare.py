@@ -7,6 +7,7 @@ artifacts, and three plots: power over training, the multipliers over training (
 metrics.csv), and the energy–tracking trade-off across budgets (eval power against tracking error).
 
     robotrl compare runs=[runs/a,runs/b] [artifacts=[x.pt]] [out=reports/compare] [episodes=10]
+                    [eval_seeds=[0,1,2]: each figure is the mean over these evaluation seeds, with its range]
     robotrl compare train=true [methods=[eco,ppo_shaping,...]] [budgets=[20,30,40]] [steps=1000000]
                     [num_envs=32] [seed=0] [algo.*=… task.*=… training overrides]
 """
@@ -80,18 +81,34 @@ def describe_run(run: Path) -> dict:
     return row
 
 
-def evaluate_rows(rows: list[dict], out: Path, episodes: int, seed: int, num_envs: int, command: str | None) -> None:
+def evaluate_rows(rows: list[dict], out: Path, episodes: int, seeds: list[int], num_envs: int,
+                  command: str | None) -> None:
+    """Export each run and evaluate its artifact once per evaluation seed (eval/<label>.json, or
+    eval/<label>.seed<k>.json for several); a row's figures are the means over the seeds, and with
+    several seeds <figure>_range holds their [min, max]."""
+    import numpy as np
     from robotrl.evaluate import evaluate_artifact
     from robotrl.policies import export_run
     (out / "artifacts").mkdir(parents=True, exist_ok=True)
     for row in rows:
         if "artifact" not in row:
             row["artifact"] = str(export_run(row["run"], out / "artifacts" / f"{row['label']}.pt"))
-        result = evaluate_artifact(row["artifact"], episodes=episodes, seed=seed, num_envs=num_envs, command=command,
-                                   out=out / "eval" / f"{row['label']}.json")
-        row.update(power_w=result["mean_power_w"], episode_energy_j=result["episode_energy_j_mean"],
-                   vel_error=result.get("vel_tracking_error", math.nan), success_rate=result["success_rate"],
-                   joint_power_w=result.get("joint_power_w"))
+        results = [evaluate_artifact(row["artifact"], episodes=episodes, seed=seed, num_envs=num_envs, command=command,
+                                     out=out / "eval" / (f"{row['label']}.json" if len(seeds) == 1
+                                                         else f"{row['label']}.seed{seed}.json"))
+                   for seed in seeds]
+        figures = {"power_w": [r["mean_power_w"] for r in results],
+                   "episode_energy_j": [r["episode_energy_j_mean"] for r in results],
+                   "vel_error": [r.get("vel_tracking_error", math.nan) for r in results],
+                   "success_rate": [r["success_rate"] for r in results]}
+        for key, values in figures.items():
+            known = [v for v in values if v is not None]
+            row[key] = float(np.mean(known)) if known else None
+            if len(seeds) > 1 and known:
+                row[f"{key}_range"] = [float(min(known)), float(max(known))]
+        joints = [r["joint_power_w"] for r in results if r.get("joint_power_w")]
+        row["joint_power_w"] = {j: float(np.mean([jp[j] for jp in joints])) for j in joints[0]} if joints else None
+        row["eval_seeds"] = list(seeds)
         # C1 on the evaluation, in the budget's own unit; C2 on the last training iteration (the
         # mirror loss and the reference deviation are training-side quantities).
         if row.get("b1") is not None:
@@ -117,17 +134,30 @@ def _energy_term(row: dict) -> str:
     return "—"
 
 
+def _figure(row: dict, key: str, spec: str) -> str:
+    """A figure, and with several evaluation seeds its range: 6.61 (6.61–6.87)."""
+    text = _fmt(row.get(key), spec)
+    if row.get(f"{key}_range"):
+        lo, hi = row[f"{key}_range"]
+        text += f" ({_fmt(lo, spec)}–{_fmt(hi, spec)})"
+    return text
+
+
 def write_markdown(rows: list[dict], plots: list[Path], path: Path) -> None:
+    seeds = rows[0].get("eval_seeds", [0]) if rows else [0]
+    over = (f"the mean over evaluation seeds {', '.join(map(str, seeds))} (in brackets: lowest–highest)"
+            if len(seeds) > 1 else f"evaluation seed {seeds[0]}")
     lines = ["# ECO comparison", "",
-             "Average power, tracking error and no-fall rate come from `robotrl eval` on each exported artifact. "
-             "C1 compares the evaluated power (W, or episode energy for J budgets) with b1; C2 compares the last "
-             "training J_C2 with b2.", "",
+             "Average power, tracking error and no-fall rate come from `robotrl eval` on each exported artifact, "
+             f"{over}. C1 compares the evaluated power (W, or episode energy for J budgets) with b1; C2 compares "
+             "the last training J_C2 with b2.", "",
              "| run | method | C2 form | energy: budget b1 or reward weight | power (W) | vel. error (m/s) "
              "| no-fall rate | C1 ok | J_C2 (train) | b2 | C2 ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_energy_term(r)} | {_fmt(r['power_w'], '.2f')} "
-                     f"| {_fmt(r['vel_error'], '.3f')} | {r['success_rate']:.0%} | {_fmt(r.get('c1_ok'))} "
+        lines.append(f"| {r['label']} | {r['method']} | {_fmt(r.get('motion'))} | {_energy_term(r)} "
+                     f"| {_figure(r, 'power_w', '.2f')} | {_figure(r, 'vel_error', '.3f')} "
+                     f"| {r['success_rate']:.0%} | {_fmt(r.get('c1_ok'))} "
                      f"| {_fmt(r.get('train_J2'))} | {_fmt(r.get('b2'))} | {_fmt(r.get('c2_ok'))} |")
     joints = next((list(r["joint_power_w"]) for r in rows if r.get("joint_power_w")), [])
     if joints:   # where each walker spends its power
@@ -175,7 +205,9 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     for name in dict.fromkeys(series(r) for r in rows):   # each point named by its run and budget
         pts = [r for r in rows if series(r) == name]
         # points, not a line: runs of one method may differ in more than the budget (length, start)
-        ax.plot([r["power_w"] for r in pts], [r["vel_error"] for r in pts], "o", label=name)
+        # with several evaluation seeds, bars from the lowest to the highest seed's figure
+        ax.errorbar([r["power_w"] for r in pts], [r["vel_error"] for r in pts], fmt="o", label=name, capsize=2,
+                    elinewidth=0.8, xerr=_spread(pts, "power_w"), yerr=_spread(pts, "vel_error"))
         for r in pts:
             label = r["label"].rsplit("/", 1)[-1] + (f" (b1={_fmt(r['b1'])})" if r.get("b1") is not None else "")
             ax.annotate(label, (r["power_w"], r["vel_error"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -185,6 +217,13 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     ax.legend(fontsize=7)
     written.append(_save(fig, out / "tradeoff.png"))
     return written
+
+
+def _spread(rows: list[dict], key: str) -> list[list[float]] | None:
+    """errorbar's [below, above] of each row's figure, from its range over evaluation seeds."""
+    if not all(r.get(f"{key}_range") for r in rows):
+        return None
+    return [[r[key] - r[f"{key}_range"][0] for r in rows], [r[f"{key}_range"][1] - r[key] for r in rows]]
 
 
 def _save(fig, path: Path) -> Path:
@@ -198,7 +237,8 @@ def _save(fig, path: Path) -> Path:
 def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10, seed: int = 0, eval_envs: int = 10,
             command: str | None = None, train: bool = False, methods: list[str] | None = None,
             budgets: list[str] | None = None, steps: int = 1_000_000, num_envs: int | None = None,
-            overrides: list[str] | None = None) -> Path:
+            overrides: list[str] | None = None, eval_seeds: list[int] | None = None) -> Path:
+    """seed: the training seed (train=true) and, unless eval_seeds are given, the one evaluation seed."""
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = [Path(r) for r in runs]
     if train:
@@ -213,7 +253,7 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
     rows += [{"artifact": a, "method": read_manifest(a)["training"]["algo"]} for a in artifacts]
     for row, label in zip(rows, unique_labels([*run_dirs, *(Path(a).with_suffix("") for a in artifacts)])):
         row["label"] = label
-    evaluate_rows(rows, out, episodes, seed, eval_envs, command)
+    evaluate_rows(rows, out, episodes, eval_seeds or [seed], eval_envs, command)
     plots = plot_report(rows, out)
     write_markdown(rows, plots, out / "report.md")
     (out / "report.json").write_text(json.dumps(rows, indent=1))

@@ -314,6 +314,23 @@ def test_compare_writes_table_and_plots(runs, tmp_path, monkeypatch):
     assert f"| eco_b20 | {joints['hip_yaw_l']:.2f} | {joints['hip_roll_l']:.2f} |" in table
 
 
+def test_compare_over_several_evaluation_seeds(runs, tmp_path):
+    """eval_seeds=[0,1]: one eval JSON per seed; the row's figures are their means, with their ranges."""
+    out = tmp_path / "seeds"
+    assert main(["compare", f"runs=[{runs['eco']}]", "eval_seeds=[0,1]", "episodes=2", "eval_envs=2",
+                 f"out={out}"]) == 0
+    row = yaml.safe_load((out / "report.json").read_text())[0]
+    per_seed = [yaml.safe_load((out / "eval" / f"eco.seed{k}.json").read_text()) for k in (0, 1)]
+    powers = [e["mean_power_w"] for e in per_seed]
+    assert powers[0] != powers[1]   # the seeds drew different episodes
+    assert row["power_w"] == pytest.approx(np.mean(powers)) and row["power_w_range"] == [min(powers), max(powers)]
+    errors = [e["vel_tracking_error"] for e in per_seed]
+    assert row["vel_error_range"] == [min(errors), max(errors)] and row["eval_seeds"] == [0, 1]
+    table = (out / "report.md").read_text()
+    assert "mean over evaluation seeds 0, 1" in table
+    assert f"| {row['power_w']:.2f} ({min(powers):.2f}–{max(powers):.2f}) |" in table
+
+
 def test_report_labels_tell_runs_of_the_same_name_apart():
     """Two chains have stages of the same name: each row, artifact and eval file gets the shortest
     trailing path that is its own, not a position number."""

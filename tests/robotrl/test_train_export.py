@@ -226,6 +226,7 @@ def test_resume_after_kill(tmp_path):
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "episodes=0"], "episodes must be an integer >= 1"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "num_envs=many"], "num_envs must be an integer"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "task.physics_hz=0"], "task.physics_hz must be > 0"),
+    (["compare", "runs=[runs/x]", "eval_seeds=[0,a]"], "eval_seeds must be an integer >= 0, got 'a'"),
     (["demos", "noise=x"], "noise must be a number >= 0, got 'x'"),
     (["operate", "cmd_vel=[0.2,0]"], r"cmd_vel must be 3 numbers like \[0,0,0\], got '\[0.2,0\]'"),
     (["export"], "run="),
