@@ -2,9 +2,10 @@
 
 Each run is exported to an artifact and evaluated with `robotrl eval`'s function (the artifact, not
 the checkpoint, is what is judged). The folder gets report.md (a table of average power,
-velocity-tracking error, no-fall rate and constraint satisfaction per run), report.json, the
-artifacts, and three plots: power over training, the multipliers over training (from each run's
-metrics.csv), and the energy–tracking trade-off across budgets (eval power against tracking error).
+velocity-tracking error, no-fall rate and constraint satisfaction per run, and one of where each
+run's power goes, joint by joint), report.json, the artifacts, and three plots: power over training,
+the multipliers over training (from each run's metrics.csv), and the energy–tracking trade-off
+across budgets (eval power against tracking error).
 
     robotrl compare runs=[runs/a,runs/b] [artifacts=[x.pt]] [out=reports/compare] [episodes=10]
                     [eval_seeds=[0,1,2]: each figure is the mean over these evaluation seeds, with its range]
