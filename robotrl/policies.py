@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from real.artifact import SUFFIXES, artifact_format
-from robotrl.checkpoint import load_checkpoint
+from robotrl.checkpoint import load_checkpoint, run_dir_of
 from robotrl.export import config_sha256
 
 
@@ -21,8 +21,9 @@ def artifact_manifest(task, config: dict, run: str, env_steps: int) -> dict:
 
 
 def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None = None) -> Path:
-    """Export a run's policy to `out` (default: <run dir>/<task>_<algo>.pt or .onnx). The format
-    is `fmt` (torchscript or onnx) or, when not given, the suffix of `out`."""
+    """Export a run's policy to `out` (default: <run dir>/<task>_<algo>.pt or .onnx; for a kept
+    checkpoint, <task>_<algo>_step_<steps>.pt). The format is `fmt` (torchscript or onnx) or, when
+    not given, the suffix of `out`."""
     from robotrl.runner import build
     if fmt is not None and fmt not in SUFFIXES:
         raise ValueError(f"unknown export format '{fmt}'; available: {', '.join(SUFFIXES)}")
@@ -31,8 +32,9 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
                          f"give out= a {SUFFIXES[fmt]} name or leave format= out")
     ckpt = load_checkpoint(run)
     cfg = OmegaConf.create(ckpt["config"])
-    run_dir = Path(cfg.run_dir)
-    path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}{SUFFIXES[fmt or 'torchscript']}"
+    run_dir = run_dir_of(run)   # where the run is now (it may have been moved since it trained)
+    kept = "" if Path(run).is_dir() or Path(run).name == "last.pt" else f"_{Path(run).stem}"
+    path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}{kept}{SUFFIXES[fmt or 'torchscript']}"
     from robotrl.offpolicy import export_offpolicy, is_offpolicy
     if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
         return export_offpolicy(run, path)

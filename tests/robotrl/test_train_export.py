@@ -44,7 +44,7 @@ def test_run_folder_has_everything(run):
     assert len(rows) == 1 + 3 and rows[0].startswith("env_steps")
 
 
-def test_kept_checkpoints_are_each_iterations_policy_and_export(run, tmp_path):
+def test_kept_checkpoints_are_each_iterations_policy_and_export(run):
     """keep_checkpoints=true keeps every checkpoint under its step count (here every iteration of 64
     steps); the newest is last.pt itself, an earlier one holds that iteration's weights and exports."""
     import torch
@@ -53,7 +53,8 @@ def test_kept_checkpoints_are_each_iterations_policy_and_export(run, tmp_path):
     last, first = load_checkpoint(run), load_checkpoint(kept[0])
     assert load_checkpoint(kept[-1])["iteration"] == last["iteration"] == 3 and first["iteration"] == 1
     assert not torch.equal(first["model"]["actor.0.weight"], last["model"]["actor.0.weight"])
-    assert main(["export", f"run={kept[0]}", f"out={tmp_path}/step_64.pt"]) == 0
+    assert main(["export", f"run={kept[0]}"]) == 0   # named after its checkpoint, beside the run's own artifact
+    assert load_artifact(run / "humanoid_walk_ppo_step_64.pt").manifest["training"]["env_steps"] == 64
 
 
 def test_export_parity_and_manifest(artifact):
