@@ -129,7 +129,8 @@ def cmd_train(args: list[str]) -> Path:
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     if resume:   # the run's own algo decides which runner goes on with it
         from robotrl.checkpoint import load_checkpoint
-        if is_offpolicy(load_checkpoint(resume)["config"]["algo"]["name"]):
+        saved = load_checkpoint(resume)["config"]
+        if is_offpolicy(saved["algo"]["name"]):
             from robotrl.offpolicy import resume as resume_offpolicy
             rest = [a for a in args if not a.startswith(("resume=", "algo.env_steps="))]
             if rest:
@@ -137,6 +138,14 @@ def cmd_train(args: list[str]) -> Path:
             given = dict(a.split("=", 1) for a in args if a.startswith("algo.env_steps="))
             env_steps = number_option(given, "algo.env_steps", 1) if given else None
             return resume_offpolicy(resume, env_steps)
+        # The run goes on with its own config: an override beside resume= would be silently lost,
+        # and the run keeps its own length unless total_steps= extends it.
+        rest = [a for a in args if not a.startswith(("resume=", "total_steps="))]
+        if rest:
+            raise UsageError(f"resume= goes on with the run's own config; it takes only total_steps=N besides "
+                             f"(to extend the run); got {rest}")
+        if not any(a.startswith("total_steps=") for a in args):
+            args = [*args, f"total_steps={saved['total_steps']}"]
     cfg = compose_train_config(args)
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")

@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> Path:
     if resume:
         ckpt = load_checkpoint(resume)
         saved = OmegaConf.create(ckpt["config"])
-        saved.total_steps = cfg.total_steps   # a resumed run may be extended
+        saved.total_steps = cfg.total_steps   # the run's own, or more to extend it (robotrl.cli)
         # The run continues where its checkpoint is now (a run folder may have been moved or copied).
         run_dir = run_dir_of(resume)
         saved.run_dir = str(run_dir)

@@ -193,7 +193,7 @@ def test_eval_writes_json(artifact, tmp_path):
     assert sum(res["joint_power_w"].values()) == pytest.approx(res["mean_power_w"], rel=1e-6)
 
 
-def test_resume_after_kill(tmp_path):
+def test_resume_after_kill(tmp_path, capsys):
     d = tmp_path / "killed"
     cmd = [sys.executable, "-m", "robotrl.cli", "train", *TINY, "total_steps=100000", "video=false", f"run_dir={d}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
@@ -211,6 +211,12 @@ def test_resume_after_kill(tmp_path):
     assert after["iteration"] == done_before + 2 and after["env_steps"] == total
     steps = [int(r.split(",")[0]) for r in (d / "metrics.csv").read_text().splitlines()[1:]]
     assert steps[-1] == total and steps == sorted(steps)
+    # Resumed again without total_steps, the run keeps its own length (not the default's) ...
+    assert main(["train", f"resume={d}"]) == 0
+    assert load_checkpoint(ckpt)["env_steps"] == total
+    # ... and an override beside resume= is refused, not silently lost.
+    assert main(["train", f"resume={d}", "algo.lr=0.1"]) == 2
+    assert "resume= goes on with the run's own config; it takes only total_steps=N besides" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, needle", [
