@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -96,10 +97,32 @@ def compose_train_config(overrides: list[str]):
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("config", overrides=fixed)
     except HydraException as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(unknown_key_message(str(e), fixed) or str(e)) from None
     OmegaConf.resolve(cfg)
     check_run_keys(cfg)
     return cfg
+
+
+def unknown_key_message(error: str, overrides: list[str]) -> str | None:
+    """For Hydra's "Could not override 'task.x'" (whose advice, '+task.x', the schema would refuse
+    next): the key and the keys its level of the config does have."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, OmegaConf
+    bad = re.match(r"Could not override '([\w.]+)'", error)
+    if not bad:
+        return None
+    key = bad[1]
+    parent = key.rpartition(".")[0]
+    rest = [o for o in overrides if o.split("=", 1)[0] != key]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:   # another override is wrong too: Hydra's own message says which
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    return f"unknown key '{key}'; {parent or 'the run'} has: {', '.join(node.keys())}"
 
 
 # The run's own keys (configs/config.yaml) and what each must be; task.* and algo.* have their schemas.

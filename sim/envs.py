@@ -2,12 +2,14 @@
 steps every copy in one C call (sim/batched.py) with same-step autoreset."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from real.robot_spec import CONFIG_DIR, available_robots
 
@@ -54,7 +56,13 @@ def task_config(name_or_cfg: str | dict | DictConfig, **overrides: Any):
     if raw.get("robot") not in available_robots():
         raise ValueError(f"task.robot: unknown robot '{raw.get('robot')}'; available: {', '.join(available_robots())}")
     schema = OmegaConf.structured(registry[name][1])
-    merged = OmegaConf.merge(schema, raw, OmegaConf.create(overrides) if overrides else {})
+    try:
+        merged = OmegaConf.merge(schema, raw, OmegaConf.create(overrides) if overrides else {})
+    except ConfigKeyError as e:   # omegaconf names the key but not what it could have been
+        parent = e.full_key.rpartition(".")[0]
+        keys = [f.name for f in dataclasses.fields(e.object_type)]
+        raise ValueError(f"task.{e.full_key}: no such key in task {name}"
+                         f"{' ' + parent if parent else ''}; its keys: {', '.join(keys)}") from None
     return OmegaConf.to_object(merged)
 
 

@@ -226,6 +226,11 @@ def test_resume_after_kill(tmp_path, capsys):
     (["train", "algo.lr=fast", *TINY], "algo.lr|lr"),
     (["train", "algo.gamma=2.0", *TINY], "algo.gamma"),
     (["train", "task.episode_s=-3", *TINY], "task.episode_s"),
+    (["train", "task.nonsense=1"], "unknown key 'task.nonsense'; task has: .*episode_s"),   # not Hydra's '+task.x'
+    (["train", "algo.lrr=1"], "unknown key 'algo.lrr'; algo has: .*, lr, "),
+    (["train", "nonsense=1"], "unknown key 'nonsense'; the run has: task, algo, seed"),
+    (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "task.command.vz=1"],
+     "task.command.vz: no such key in task humanoid_walk command; its keys: vx, vy, yaw_rate"),
     (["train", "checkpoint_every=0"], "checkpoint_every must be an integer >= 1, got '0'"),
     (["train", "num_envs=two"], "num_envs must be an integer >= 1, got 'two'"),
     (["train", "total_steps=-5"], "total_steps must be a number >= 1"),
