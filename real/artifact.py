@@ -280,11 +280,13 @@ def check_against_robot(manifest: dict, spec: RobotSpec, rtol: float = 1e-6) -> 
             raise ManifestMismatch(f"{where}: joint {i} is '{a}' in the artifact but '{b}' on the robot{hint}")
     for key in ("control_hz", "physics_hz"):
         if abs(float(trained[key]) - float(getattr(spec, key))) > 1e-9:
-            raise ManifestMismatch(f"{where}: {key} is {trained[key]} in the artifact but {getattr(spec, key)} on the robot")
+            raise ManifestMismatch(f"{where}: {key} is {trained[key]} in the artifact but "
+                                   f"{getattr(spec, key)} on the robot")
     for key, attr in (("kp", "kp"), ("kd", "kd"), ("q_lower", "q_lower"), ("q_upper", "q_upper"),
                       ("q_default", "q_default"), ("tau_max", "tau_max")):
         a, b = np.asarray(trained[key]), getattr(spec, attr)
         diff = np.flatnonzero(~np.isclose(a, b, rtol=rtol, atol=1e-9))
         if diff.size:
             j = diff[0]
-            raise ManifestMismatch(f"{where}: {key} of joint '{want[j]}' is {a[j]} in the artifact but {b[j]} on the robot")
+            raise ManifestMismatch(f"{where}: {key} of joint '{want[j]}' is {a[j]} in the artifact but "
+                                   f"{b[j]} on the robot")

@@ -155,7 +155,8 @@ def spec_from_dict(raw: dict, source: str = "<dict>") -> RobotSpec:
         raise SpecError(f"{source}: 'control_hz' and 'physics_hz' must be > 0")
     ratio = physics_hz / control_hz
     if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:
-        raise SpecError(f"{source}: 'physics_hz' ({physics_hz}) must be a whole multiple of 'control_hz' ({control_hz})")
+        raise SpecError(f"{source}: 'physics_hz' ({physics_hz}) must be a whole multiple of "
+                        f"'control_hz' ({control_hz})")
     # Motor controllers stream state at their own loop rate, not the policy's: a state stream at
     # the control rate with an unsynchronised phase makes the newest state up to a period old.
     state_hz = _num(raw.get("state_hz", physics_hz), "state_hz", source)

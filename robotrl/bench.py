@@ -84,7 +84,8 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
     walker, _ = bench_ppo(ppo_steps // 2, hidden="[256,128,64]", sb3=False)   # the shipped walkers' networks
     raw = batched["raw_steps_per_s"]
     res = {"substeps": venv.task.substeps, "num_envs": num_envs,
-           "raw_mj_steps_per_s": raw, "env_steps_per_s": batched["env_steps_per_s"], "env_over_raw": batched["over_raw"],
+           "raw_mj_steps_per_s": raw, "env_steps_per_s": batched["env_steps_per_s"],
+           "env_over_raw": batched["over_raw"],
            "single_env_steps_per_s": single["env_steps_per_s"], "single_raw_mj_steps_per_s": single["raw_steps_per_s"],
            "single_env_over_raw": single["over_raw"],
            "replay_max_abs_diff": max(single["replay_max_abs_diff"], batched["replay_max_abs_diff"]),
@@ -97,8 +98,10 @@ def bench_sim(seconds: float, num_envs: int, ppo_steps: int) -> dict:
             (f"vector env.step, {num_envs} envs, 1 thread", f"{res['env_steps_per_s']:,.0f} /s",
              f"{res['env_over_raw']:.2f}× raw (goal ≥ 0.9)"),
             ("raw mj_step replay, one env", f"{res['single_raw_mj_steps_per_s']:,.0f} /s", ""),
-            ("gymnasium Env.step, one env", f"{res['single_env_steps_per_s']:,.0f} /s", f"{res['single_env_over_raw']:.2f}× raw"),
-            (f"vector env.step, {num_envs} envs, 2 threads", f"{vec_rate:,.0f} /s", f"{res['vec_over_raw']:.2f}× raw 1 thread"),
+            ("gymnasium Env.step, one env", f"{res['single_env_steps_per_s']:,.0f} /s",
+             f"{res['single_env_over_raw']:.2f}× raw"),
+            (f"vector env.step, {num_envs} envs, 2 threads", f"{vec_rate:,.0f} /s",
+             f"{res['vec_over_raw']:.2f}× raw 1 thread"),
             ("robotrl PPO training", f"{ours:,.0f} env-steps/s", ""),
             ("robotrl ECO training (same core, interleaved)", f"{eco:,.0f} env-steps/s",
              f"{res['eco_overhead']:+.1%} time vs PPO (goal < 10 %)"),
@@ -229,18 +232,22 @@ def bench_infer(artifact: str | None, calls: int) -> dict:
     goal = " (goal ≤ 150)" if art.manifest["task"]["name"] == "humanoid_walk" else ""   # the walker's goal
     for fmt in arts:
         f = lat[f"{fmt} artifact"]
-        res.update({f"{fmt}_latency_median_us": float(np.median(f)), f"{fmt}_latency_p99_us": float(np.percentile(f, 99))})
+        res.update({f"{fmt}_latency_median_us": float(np.median(f)),
+                    f"{fmt}_latency_p99_us": float(np.percentile(f, 99))})
         rows.append((f"{fmt} artifact `step`", f"{np.median(f):.1f} µs median",
                      f"p99 {np.percentile(f, 99):.1f} µs{goal}, max {f.max():.0f} µs"))
     if len(arts) == 2:
         res["onnx_over_torchscript_median"] = res["onnx_latency_median_us"] / res["torchscript_latency_median_us"]
-        rows.append(("onnx / torchscript", f"{res['onnx_over_torchscript_median']:.2f}× median", "same weights, same call"))
+        rows.append(("onnx / torchscript", f"{res['onnx_over_torchscript_median']:.2f}× median",
+                     "same weights, same call"))
     if "bare network" in lat:
         b = lat["bare network"]
         res.update(network=f"{rnn} {sizes[0]} + MLP" if rnn else "MLP", bare_network_median_us=float(np.median(b)),
-                   bare_network_p99_us=float(np.percentile(b, 99)), artifact_over_bare_median=float(np.median(a) / np.median(b)))
+                   bare_network_p99_us=float(np.percentile(b, 99)),
+                   artifact_over_bare_median=float(np.median(a) / np.median(b)))
         rows.append((f"bare scripted {res['network']}, same sizes", f"{res['bare_network_median_us']:.1f} µs median",
-                     f"p99 {res['bare_network_p99_us']:.1f} µs; {res['format']} artifact/bare {res['artifact_over_bare_median']:.2f}×"))
+                     f"p99 {res['bare_network_p99_us']:.1f} µs; {res['format']} artifact/bare "
+                     f"{res['artifact_over_bare_median']:.2f}×"))
     _table("bench infer (observation → action + joint targets, one tick)", rows)
     return res
 

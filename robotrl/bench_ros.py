@@ -148,7 +148,7 @@ def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = 
             while True:
                 _wait(started, 60.0, "the policy to accept start", log)
                 t_start = time.monotonic()
-                if _wait(lambda: ran_since(t_start), RAMP_S + 10.0, "the policy to ramp and run", log) == "RUNNING":
+                if _wait(lambda t=t_start: ran_since(t), RAMP_S + 10.0, "the policy to ramp and run", log) == "RUNNING":
                     break
                 if restarts == MAX_RESTARTS:
                     raise RuntimeError(f"bench ros: {restarts + 1} starts in a row stopped before the policy ran\n"

@@ -208,8 +208,10 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
                  cat["actions"].astype(np.float32), cat["rewards"].astype(np.float32),
                  cat["terminated"].astype(bool), cat["truncated"].astype(bool),
                  ends - lengths, ends, np.array([ok for _, ok, *_ in kept], dtype=bool),
-                 np.stack([f for *_, f, _ in kept]).astype(np.float32) if kept else np.zeros((0, task.obs_size), np.float32),
-                 np.stack([c for *_, c in kept]).astype(np.float32) if kept else np.zeros((0, task.critic_obs_size), np.float32))
+                 np.stack([f for *_, f, _ in kept]).astype(np.float32) if kept
+                 else np.zeros((0, task.obs_size), np.float32),
+                 np.stack([c for *_, c in kept]).astype(np.float32) if kept
+                 else np.zeros((0, task.critic_obs_size), np.float32))
 
 
 def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failures: int = 0, seed: int = 0,

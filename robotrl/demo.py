@@ -37,10 +37,12 @@ def demo(steps: int, out: Path) -> None:
                                                    "command=[0.25,0,0]", f"video={out / 'shipped_walk.mp4'}")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"\ndemo finished in {time.time() - t0:.0f} s\n")
-    rows = [("short run (this demo)", short)] + ([("shipped walking policy", report["shipped"])] if "shipped" in report else [])
+    rows = [("short run (this demo)", short)] + ([("shipped walking policy", report["shipped"])]
+                                                 if "shipped" in report else [])
     print(f"{'policy':<26}{'return':>9}{'no-fall':>9}{'vel err m/s':>13}{'power W':>9}")
     for name, r in rows:
-        print(f"{name:<26}{r['return_mean']:>9.2f}{r['success_rate']:>9.0%}{r.get('vel_tracking_error', float('nan')):>13.3f}"
+        print(f"{name:<26}{r['return_mean']:>9.2f}{r['success_rate']:>9.0%}"
+              f"{r.get('vel_tracking_error', float('nan')):>13.3f}"
               f"{r['mean_power_w']:>9.1f}")
     print(f"\nreport:  {out / 'report.json'}\nplots:   {run_dir / 'learning_curves.png'}\n"
           f"videos:  {run_dir / 'rollout.mp4'}" + (f", {out / 'shipped_walk.mp4'}" if "shipped" in report else "")

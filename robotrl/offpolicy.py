@@ -212,7 +212,8 @@ def train_bc(cfg: DictConfig) -> Path:
                     print(f"  step {step}: loss {stats['loss/bc']:.4f}  eval success {ev['success_rate']:.2f}")
             logger.log(step, metrics)
         if evaluate_now:
-            save_checkpoint({"algo": "bc", "model": bc.base.state_dict(), "opt": bc.opt.state_dict(), "grad_steps": step,
+            save_checkpoint({"algo": "bc", "model": bc.base.state_dict(), "opt": bc.opt.state_dict(),
+                         "grad_steps": step,
                          "env_steps": 0, "config": OmegaConf.to_container(cfg, resolve=True),
                          "obs_size": probe.obs_size, "action_size": probe.action_size,
                          "demos_header": demos.header, "demo_episodes": demos.num_episodes,
@@ -220,7 +221,8 @@ def train_bc(cfg: DictConfig) -> Path:
                         run_dir, keep_as=f"step_{step}" if cfg.get("keep_checkpoints", False) else None)
     logger.close()
     _finish(run_dir, cfg, ["loss/bc", "eval/success_rate", "eval/episode_length"],
-            {"algo": "bc", "policy": acfg.policy, "demo_episodes": demos.num_episodes, **{f"eval_{k}": v for k, v in last_eval.items()}},
+            {"algo": "bc", "policy": acfg.policy, "demo_episodes": demos.num_episodes,
+             **{f"eval_{k}": v for k, v in last_eval.items()}},
             _video_policy(bc.base, None, clip))
     return run_dir
 
@@ -231,7 +233,8 @@ def load_base(run: str | Path):
     from robotrl.algos.bc import BasePolicy
     ckpt = load_checkpoint(run)
     if ckpt.get("algo") != "bc":
-        raise ValueError(f"algo.base: {run} is not an algo=bc run (its algo is '{ckpt.get('algo', ckpt['config']['algo']['name'])}')")
+        raise ValueError(f"algo.base: {run} is not an algo=bc run "
+                         f"(its algo is '{ckpt.get('algo', ckpt['config']['algo']['name'])}')")
     bcfg = algo_config(ckpt["config"]["algo"])
     base = BasePolicy.build(bcfg, ckpt["obs_size"], ckpt["action_size"])
     base.load_state_dict(ckpt["model"])
@@ -338,7 +341,8 @@ def resume(run: str | Path, env_steps: int | None = None) -> Path:
     if algo not in RESUMABLE:
         raise ValueError(f"resume is not supported for algo={algo} runs; it is for {', '.join(RESUMABLE)}")
     if "replay" not in ckpt:
-        raise ValueError(f"{run}: this checkpoint holds no replay buffer (written before resume existed); start a new run")
+        raise ValueError(f"{run}: this checkpoint holds no replay buffer (written before resume existed); "
+                         "start a new run")
     cfg = OmegaConf.create(ckpt["config"])
     cfg.run_dir = str(run_dir_of(run))
     if env_steps is not None:
@@ -364,7 +368,8 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         base_cfg, base_state = bc_ckpt["config"]["algo"], bc_ckpt["model"]
         if bc_ckpt["obs_size"] != task.obs_size or bc_ckpt["action_size"] != task.action_size:
             raise ValueError(f"algo.base: {c.base} was trained on observations of size {bc_ckpt['obs_size']} and "
-                             f"actions of size {bc_ckpt['action_size']}; this task has {task.obs_size}, {task.action_size}")
+                             f"actions of size {bc_ckpt['action_size']}; this task has "
+                             f"{task.obs_size}, {task.action_size}")
     demos_path = c.demos or (base_cfg["demos"] if base_cfg else None)
     max_demos = c.max_demos if c.max_demos is not None else (base_cfg.get("max_demos") if base_cfg else None)
     demos = None
@@ -373,7 +378,8 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     base = build_resfit_parts(c, task, base_state, base_cfg, demos)
     learner = ResFiT(c, base, task.obs_size, task.action_size, seed=cfg.seed)
     online = Replay(c.buffer_size, task.obs_size, task.action_size)
-    demo_rb = demo_transitions(demos, base, base.norm, c.nstep, c.gamma) if (c.use_demos and demos is not None) else None
+    demo_rb = (demo_transitions(demos, base, base.norm, c.nstep, c.gamma)
+               if (c.use_demos and demos is not None) else None)
     train_base, eval_base = base.with_batch(c.num_envs), base.with_batch(c.eval_envs)
     start = 0
     if ckpt is not None:
@@ -390,7 +396,8 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         ev = evaluate(task_cfg, base_act_fn(eval_base, learner.actor, clip), eval_base.reset, c.eval_episodes,
                       c.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
         if cfg.progress:
-            print(f"  env step {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
+            print(f"  env step {step}: eval success {ev['success_rate']:.2f} "
+                  f"(episode length {ev['episode_length']:.0f})")
         return ev
 
     ev0 = ckpt["eval0"] if ckpt is not None else run_eval(0)
@@ -406,7 +413,8 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
             next_eval += c.eval_every
             ev = run_eval(env_steps, record=env_steps >= c.env_steps)
             row.update({"eval/success_rate": ev["success_rate"], "eval/episode_length": ev["episode_length"]})
-            save_checkpoint({"algo": c.name, "model": {"base": unwrap(base).state_dict(), "learner": learner.state_dict()},
+            save_checkpoint({"algo": c.name,
+                         "model": {"base": unwrap(base).state_dict(), "learner": learner.state_dict()},
                          "env_steps": env_steps, "config": OmegaConf.to_container(cfg, resolve=True),
                          "base_config": base_cfg, "obs_size": task.obs_size, "action_size": task.action_size,
                          "parity_obs": ev.get("parity_obs"), "parity_starts": ev.get("parity_starts"),
@@ -433,7 +441,8 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     logger.close()
     _finish(run_dir, cfg, ["eval/success_rate", "train/success_rate", "loss/critic", "q/mean", "loss/actor",
                            "residual/abs_mean"],
-            {"algo": c.name, "env_steps": env_steps, "episodes": len(collector.successes), "eval_success_rate_start": ev0["success_rate"],
+            {"algo": c.name, "env_steps": env_steps, "episodes": len(collector.successes),
+             "eval_success_rate_start": ev0["success_rate"],
              "eval_success_rate_final": ev["success_rate"], "wall_s": round(time.perf_counter() - t0, 1)},
             _video_policy(base, learner.actor, clip))
     return run_dir

@@ -50,12 +50,16 @@ class RosClient:
             end = time.monotonic() + timeout
             if not client.wait_for_service(timeout_sec=timeout):
                 return None
+            # One event for every request sent: a late reply to an earlier one answers the call too
+            # (an event per request, captured by the callback, let a late reply wake the wait for a
+            # newer request whose result was not there yet: None, "no answer").
+            answered = threading.Event()
+            futures = []
             while time.monotonic() < end:
-                done = threading.Event()
-                future = client.call_async(Trigger.Request())
-                future.add_done_callback(lambda _: done.set())
-                if done.wait(min(3.0, max(0.1, end - time.monotonic()))):
-                    return future.result()
+                futures.append(client.call_async(Trigger.Request()))
+                futures[-1].add_done_callback(lambda _: answered.set())
+                if answered.wait(min(3.0, max(0.1, end - time.monotonic()))):
+                    return next(f.result() for f in futures if f.done())
             return None
         finally:
             self.node.destroy_client(client)

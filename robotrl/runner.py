@@ -108,7 +108,8 @@ def train(cfg: DictConfig) -> Path:
         metrics = {"train/episode_return": float(np.mean(returns[-100:])) if returns else np.nan,
                    "train/episode_length": float(np.mean(lengths[-100:])) if lengths else np.nan,
                    "train/fall_rate": falls / episodes if episodes else np.nan,
-                   "train/power_w": float(np.mean(power)), "train/vel_error": float(np.nanmean(vel_err)) if not np.all(np.isnan(vel_err)) else np.nan,
+                   "train/power_w": float(np.mean(power)),
+                   "train/vel_error": float(np.nanmean(vel_err)) if not np.all(np.isnan(vel_err)) else np.nan,
                    "perf/env_steps_per_s": per_iter / max(collect_s, 1e-9),
                    "perf/iteration_s": time.perf_counter() - t0,
                    **{k: v / algo.cfg.steps_per_env for k, v in info_sums.items()}, **stats}
@@ -140,7 +141,8 @@ def init_policy(model: torch.nn.Module, source: str) -> dict:
         raise ValueError(f"init_from={source}: no tensor matches this policy's names and shapes")
     model.load_state_dict(taken, strict=False)
     fresh = sorted(set(ours) - set(taken))
-    print(f"initialised {len(taken)}/{len(ours)} tensors from {source}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    print(f"initialised {len(taken)}/{len(ours)} tensors from {source}"
+          + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     return checkpoint
 
 

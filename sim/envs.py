@@ -89,7 +89,8 @@ class TaskEnv(gym.Env):
         self.task = make_task(cfg, num_envs=1)
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (self.task.obs_size,), np.float32)
-        self.action_space = gym.spaces.Box(self.task.action_low, self.task.action_high, (self.task.action_size,), np.float32)
+        self.action_space = gym.spaces.Box(self.task.action_low, self.task.action_high,
+                                           (self.task.action_size,), np.float32)
         self._renderer = None
         self._ids = np.array([0])
 

@@ -58,7 +58,8 @@ class Randomizer:
         model.geom_friction[self.floor_geom, 0] = self.base.geom_friction[self.floor_geom, 0] * sample["friction"]
         model.body_mass[:] = self.base.body_mass * sample["mass_scale"]
         model.body_inertia[:] = self.base.body_inertia * sample["mass_scale"]
-        model.body_ipos[self.base_body] = self.base.body_ipos[self.base_body] + u(-c.com_offset_m, c.com_offset_m, 3) * (c.com_offset_m > 0)
+        model.body_ipos[self.base_body] = (self.base.body_ipos[self.base_body]
+                                           + u(-c.com_offset_m, c.com_offset_m, 3) * (c.com_offset_m > 0))
         n = len(self.act)
         set_pd_gains(model, self.act, self.kp * u(*c.kp_scale, n), self.kd * u(*c.kd_scale, n))
         limit = self.tau_max * sample["motor_strength"]

@@ -1,10 +1,10 @@
 import os
 import warnings
 
+import pytest
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 warnings.filterwarnings("ignore", message=".*torch.jit.*")
-
-import pytest
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,8 @@ class BCConfig:
     chunk: int = 10                  # actions predicted per chunk (0.4 s at 25 Hz)
     execute: int = 10                # actions executed open-loop from each chunk before re-planning (<= chunk)
     action_scale: float = 0.2        # demo min/max widened by (1 + action_scale) -> base fills ±1/1.2
-    min_obs_std: float = 0.1         # floor of the observation std (a near-constant demo feature must not blow up online)
+    min_obs_std: float = 0.1         # floor of the observation std (a near-constant demo feature must not
+                                     # blow up online)
     min_action_range: float = 0.1    # floor of (max - min) per action dimension
     hidden: List[int] = dataclasses.field(default_factory=lambda: [512, 512])   # mlp
     d_model: int = 128               # act

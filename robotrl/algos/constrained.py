@@ -34,7 +34,8 @@ class ShapingConfig(ConstrainedConfig):
     # = 1.0 per J. Our energy_j is that power integrated over the control step, so r −= 1.0·energy_j.
     energy_weight: float = 1.0     # 1/J
     mirror_weight: float = 1.0     # motion=symmetry: fixed weight of the mirror loss (λ2 held constant)
-    reference_weight: float = 10.0  # motion=reference_gait: r −= reference_weight·c2·dt (1/(rad²·s), like the task's terms)
+    reference_weight: float = 10.0  # motion=reference_gait: r −= reference_weight·c2·dt (1/(rad²·s), like the
+                                    # task's terms)
 
 
 class ShapingPPO(ConstrainedPPO):

@@ -258,7 +258,8 @@ class ConstrainedPPO(PPO):
     def mirror_rows(self, n: int) -> int:
         return max(1, round(n * self.cfg.mirror_fraction))
 
-    def minibatch_distribution(self, obs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
+    def minibatch_distribution(self, obs: torch.Tensor,
+                               idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
         """With symmetry, ONE actor pass over the minibatch and the mirror of its first mirror_rows
         states (the rows are in random order): PPO's distribution, and the policy's means on those
         mirrored states (`mirrored`, for the mirror loss). Two passes cost ECO more than the loss's

@@ -196,7 +196,8 @@ class PPO:
         steps = torch.arange(T)[:, None] * N
         return [(steps + envs[i * per:(i + 1) * per]).reshape(-1) for i in range(k)]
 
-    def minibatch_distribution(self, obs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
+    def minibatch_distribution(self, obs: torch.Tensor,
+                               idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:
         """The policy on a minibatch's observations (rows `idx` of the rollout), and what a subclass
         computed on more rows folded into the same actor pass (handed to its extra_loss; PPO folds
         none). A recurrent actor replays its memory over the minibatch's env sequences."""

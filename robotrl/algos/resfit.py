@@ -157,7 +157,8 @@ class EnsembleCritic(nn.Module):
         layers.append(EnsembleLinear(heads, sizes[-1], out))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, obs_n: torch.Tensor, action_n: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, obs_n: torch.Tensor, action_n: torch.Tensor,
+                heads: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([obs_n, action_n], -1).expand(self.heads if heads is None else len(heads), -1, -1)
         for layer in self.net:
             x = layer(x, heads) if isinstance(layer, (EnsembleLinear, EnsembleLayerNorm)) else layer(x)
@@ -193,7 +194,8 @@ class NaiveCritic(nn.Module):
             self.heads_.append(nn.Sequential(*layers))
         self.out = ens.out
 
-    def forward(self, obs_n: torch.Tensor, action_n: torch.Tensor, heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, obs_n: torch.Tensor, action_n: torch.Tensor,
+                heads: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = torch.cat([obs_n, action_n], -1)
         which = range(len(self.heads_)) if heads is None else heads.tolist()
         y = torch.stack([self.heads_[h](x) for h in which])

@@ -107,7 +107,8 @@ def train_residual_ppo(cfg: DictConfig) -> Path:
         ev = evaluate(task_cfg, base_act_fn(eval_base, residual(), clip), eval_base.reset, c.eval_episodes,
                       c.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
         if cfg.progress:
-            print(f"  env step {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
+            print(f"  env step {step}: eval success {ev['success_rate']:.2f} "
+                  f"(episode length {ev['episode_length']:.0f})")
         return ev
 
     ev0 = ev = run_eval(0)

@@ -314,7 +314,8 @@ class ArmLift:
         """Move the joint targets, step one control period, and return the step's quantities
         (shared by every tabletop task built on this one)."""
         r, c, sim = self.robot, self.cfg, self.sim
-        actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), -c.action_clip, c.action_clip)
+        actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1),
+                          -c.action_clip, c.action_clip)
         self.action[:] = actions
         base = self.offset if self.absolute else self.target
         new_target = np.clip(base + self.scale * actions, r.q_lower, r.q_upper)

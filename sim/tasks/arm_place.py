@@ -212,7 +212,8 @@ class ArmPlace(arm_lift.ArmLift):
     def _goal_held(self, s) -> np.ndarray:
         c, sim = self.cfg, self.sim
         on_target = np.linalg.norm(s["cube_pos"][:, :2] - s["target_pos"][:, :2], axis=1) <= c.place_tolerance
-        resting = (s["cube_height"] < 0.005) & (np.linalg.norm(sim.qvel[:, self.cube_dadr:self.cube_dadr + 3], axis=1) < 0.05)
+        resting = ((s["cube_height"] < 0.005)
+                   & (np.linalg.norm(sim.qvel[:, self.cube_dadr:self.cube_dadr + 3], axis=1) < 0.05))
         released = ~self.pad_contact.any(axis=1)
         s["placed"] = on_target & resting & released
         return s["placed"]

@@ -256,7 +256,8 @@ class HumanoidWalk:
     # ---- step ----
     def step(self, actions: np.ndarray):
         r, c, sim = self.robot, self.cfg, self.sim
-        actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1), -c.action_clip, c.action_clip)
+        actions = np.clip(np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1),
+                          -c.action_clip, c.action_clip)
         self.last_action[:] = self.action
         self.action[:] = actions
         new_target = r.q_default + c.action_scale * actions
@@ -281,7 +282,8 @@ class HumanoidWalk:
 
         reward, terms, gravity, lin_vel = self._reward()
         tilt = np.arccos(np.clip(-gravity[:, 2], -1.0, 1.0))
-        terminated = (sim.qpos[:, 2] < c.terminate_height) | (tilt > c.terminate_tilt) | ~np.isfinite(sim.state).all(axis=1)
+        terminated = ((sim.qpos[:, 2] < c.terminate_height) | (tilt > c.terminate_tilt)
+                      | ~np.isfinite(sim.state).all(axis=1))
         lo, hi = c.randomization.obs_delay_steps
         lag = self.rng.integers(lo, hi + 1, self.num_envs) if hi > 0 else None
         self.history[:, :-1] = self.history[:, 1:]
@@ -302,7 +304,8 @@ class HumanoidWalk:
         q = sim.qpos[:, self.qadr]
         left_stance = self.phase < 0.5   # the clock's first half (sin >= 0): left foot down, right swings
         s = {"stance": np.stack([left_stance, ~left_stance], axis=1), "command": self.command, "lin_vel": lin_vel,
-             "ang_vel": sim.qvel[:, 3:6], "gravity": gravity, "height": sim.qpos[:, 2], "nominal_height": c.nominal_height,
+             "ang_vel": sim.qvel[:, 3:6], "gravity": gravity, "height": sim.qpos[:, 2],
+             "nominal_height": c.nominal_height,
              "contact": self.contact, "foot_height": self.foot_z, "clearance": c.foot_clearance_m,
              "action": self.action, "last_action": self.last_action, "joint_offset": q - r.q_default,
              "lateral_joints": self.lateral_joints}

@@ -89,7 +89,8 @@ def test_fuzz_state_machine_with_random_commands():
                 commands[rng.integers(4)]()
             except TransitionError:
                 pass
-        q_des, q, dq, age = random_state(rng) if rng.random() < 0.2 else (SPEC.q_default, SPEC.q_default, np.zeros(N), 0.0)
+        q_des, q, dq, age = (random_state(rng) if rng.random() < 0.2
+                             else (SPEC.q_default, SPEC.q_default, np.zeros(N), 0.0))
         cmd, _ = sm.step(q, dq, age, q_des)
         assert_safe(cmd, q, dq, f)
         if sm.mode not in (Mode.RAMP, Mode.RUNNING):

@@ -19,7 +19,8 @@ GRU_WALKER = Path(WALK_ARTIFACT).with_name("kid_biped_walk_ppo_gru.pt")
 
 
 @pytest.mark.parametrize("artifact", [WALK_ARTIFACT, GRU_WALKER, Path(WALK_ARTIFACT).with_suffix(".onnx"),
-                                      GRU_WALKER.with_suffix(".onnx")], ids=["eco_mlp", "ppo_gru", "eco_mlp_onnx", "ppo_gru_onnx"])
+                                      GRU_WALKER.with_suffix(".onnx")],
+                         ids=["eco_mlp", "ppo_gru", "eco_mlp_onnx", "ppo_gru_onnx"])
 def test_shipped_policy_walks_through_the_controller(artifact):
     spec = load_robot("kid_biped")
     clock = {"t": 0.0}

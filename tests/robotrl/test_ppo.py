@@ -88,7 +88,8 @@ def test_nan_reward_is_reported_with_step():
     algo = PPO(3, 3, 1, cfg, num_envs=2)
     for _ in range(2):
         algo.act(torch.zeros(2, 3), torch.zeros(2, 3))
-        algo.record(torch.tensor([0.0, float("nan")]), torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool),
+        algo.record(torch.tensor([0.0, float("nan")]), torch.zeros(2, dtype=torch.bool),
+                    torch.zeros(2, dtype=torch.bool),
                     torch.zeros(2), {})
     with pytest.raises(NonFiniteError, match="rewards at env step 1234"):
         algo.update(torch.zeros(2, 3), progress=0.0, step=1234)

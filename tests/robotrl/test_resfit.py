@@ -364,7 +364,8 @@ def test_absolute_action_chunk_artifact_commands_the_twins_targets(tmp_path):
     """task.action_type=absolute: demos, BC and the artifact all speak absolute joint targets."""
     from robotrl.offpolicy import load_base
     absolute = "task.action_type=absolute"
-    assert main(["demos", "task=arm_lift", "n=2", "seed=3", f"out={tmp_path}/d.npz", "task.episode_s=3.0", absolute]) == 0
+    assert main(["demos", "task=arm_lift", "n=2", "seed=3", f"out={tmp_path}/d.npz", "task.episode_s=3.0",
+                 absolute]) == 0
     assert main(["train", *TASK, *TINY_BC, f"algo.demos={tmp_path}/d.npz", f"run_dir={tmp_path}/bc", absolute]) == 0
     base, _, _ = load_base(tmp_path / "bc")
     for name in ("bc.pt", "bc.onnx"):
@@ -501,7 +502,8 @@ class _Reach:
         self.t[ids] = 0
 
     def reset(self, seed=None):
-        self.p, self.g, self.t = np.zeros((self.num_envs, 2)), np.zeros((self.num_envs, 2)), np.zeros(self.num_envs, int)
+        self.p, self.g, self.t = (np.zeros((self.num_envs, 2)), np.zeros((self.num_envs, 2)),
+                                  np.zeros(self.num_envs, int))
         self._new(np.arange(self.num_envs))
         return self._obs(), {}
 

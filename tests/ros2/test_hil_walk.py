@@ -1,6 +1,7 @@
 """The shipped walking artifact, as TorchScript and as ONNX, and the shipped GRU walker, on the
 real-robot graph (launch/real.launch.yaml: bridge_node + policy_node processes) driving the
-emulated firmware (STATE at the robot's state_hz) in this process over UDP loopback, for 10 s of real time at a commanded 0.25 m/s: it stays upright,
+emulated firmware (STATE at the robot's state_hz) in this process over UDP loopback, for 10 s of
+real time at a commanded 0.25 m/s: it stays upright,
 tracks the command, and earns the task's return within 10 % of the same artifact evaluated in
 process."""
 import dataclasses

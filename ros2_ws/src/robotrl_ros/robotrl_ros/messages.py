@@ -12,7 +12,7 @@ Topics (relative names: a namespace or a remap moves them together; each node al
 | firmware_mode_request | std_msgs/UInt8             | policy -> bridge | a firmware_bridge.Mode to ask for       |
 | cmd_vel               | geometry_msgs/Twist        | anyone -> policy | linear.x, linear.y, angular.z           |
 | object_pose           | geometry_msgs/PoseStamped  | perception -> policy | the manipulated object, robot base frame |
-| goal                  | geometry_msgs/PointStamped (latched) | operator -> policy | where the object should go, base frame |
+| goal            | geometry_msgs/PointStamped (latched) | operator -> policy | where the object should go, base frame |
 
 object_pose and goal matter only to tabletop policies (their observation has cube_pos, target_pos,
 ...); their header.frame_id must be the robot's base frame or a frame the policy node's
