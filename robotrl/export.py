@@ -17,7 +17,6 @@ import os
 import platform
 import tempfile
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +61,7 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
         scripted = torch.jit.script(module)   # for ONNX too: both files of a policy carry one weights hash
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
             "hashes": {"weights_sha256": weights_sha256(scripted), **manifest.get("hashes", {})},
-            "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "versions": library_versions()}   # no export time: the same policy gives the same bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)   # the suffix names the format
     os.close(fd)
@@ -70,9 +69,13 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
         if fmt == "onnx":
             _write_onnx(module, full, tmp, parity_obs)
         else:
+            # Saved through a buffer: torch names the archive's folder after the file, and the temp
+            # file's random name would make every export of the same policy a different file.
+            buffer = io.BytesIO()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.jit.save(scripted, tmp, _extra_files={"manifest.json": json.dumps(full, indent=1)})
+                torch.jit.save(scripted, buffer, _extra_files={"manifest.json": json.dumps(full, indent=1)})
+            Path(tmp).write_bytes(buffer.getvalue())
         max_err = parity_error(tmp, parity_obs, reference, episode_starts)
         if not max_err <= atol:
             raise ExportError(f"parity check failed: artifact and training policy differ by {max_err:.3g} "

@@ -32,6 +32,17 @@ def pair(request, tmp_path_factory):
     return run / "policy.pt", run / "humanoid_walk_ppo.onnx"
 
 
+def test_exporting_again_gives_the_same_artifact(pair, tmp_path):
+    """The same run exports to the same ONNX bytes and the same TorchScript manifest and weights (a
+    TorchScript file itself differs: torch writes a random serialization id into each one)."""
+    ts, ox = pair
+    run = ts.parent
+    assert main(["export", f"run={run}", f"out={tmp_path}/again.onnx"]) == 0
+    assert (tmp_path / "again.onnx").read_bytes() == ox.read_bytes()
+    assert main(["export", f"run={run}", f"out={tmp_path}/again.pt"]) == 0
+    assert load_artifact(tmp_path / "again.pt").manifest == load_artifact(ts).manifest
+
+
 def _observations(art, n=40, seed=0):
     rng = np.random.default_rng(seed)   # wide enough to hit the observation and action clips
     return rng.normal(size=(n, art.manifest["observation"]["size"])).astype(np.float32) * 5
