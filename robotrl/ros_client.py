@@ -50,9 +50,9 @@ class RosClient:
             end = time.monotonic() + timeout
             if not client.wait_for_service(timeout_sec=timeout):
                 return None
-            # One event for every request sent: a late reply to an earlier one answers the call too
-            # (an event per request, captured by the callback, let a late reply wake the wait for a
-            # newer request whose result was not there yet: None, "no answer").
+            # One event for all the requests sent, and a late reply to an earlier one answers the
+            # call too (with an event per request, that reply woke the newest request's wait before
+            # its own reply had come, and the call returned None: "no answer").
             answered = threading.Event()
             futures = []
             while time.monotonic() < end:
