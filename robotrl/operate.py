@@ -102,6 +102,12 @@ def publish(kind: str, values: list[float], frame: str = "", node_name: str = "p
                 raise OperateError(f"node '{node_name}' did not subscribe to {kind} within {wait_s:g} s (is the "
                                    f"graph running, in ROS_DOMAIN_ID {_domain()}? does its policy take {kind}?)")
             time.sleep(0.05)
+        # The other subscribers the graph knows of (a recorder) get a moment to match too: this
+        # process lives a second, and a latched message dies with it (CI's recording missed a goal).
+        others_by = time.monotonic() + 2.0
+        while (pub.get_subscription_count() < len(node.get_subscriptions_info_by_topic(pub.topic_name))
+               and time.monotonic() < others_by):
+            time.sleep(0.05)
         # cmd_vel: best effort, so ten times over a second; goal: reliable and latched, delivered
         # once matched, so once, then held a moment for the delivery.
         repeats, hold_s = (10, 0.1) if kind == "cmd_vel" else (1, 0.5)
