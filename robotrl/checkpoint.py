@@ -27,14 +27,14 @@ def save_atomic(obj: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
-def save_checkpoint(obj: dict, run_dir: Path, keep_as: str | None = None) -> None:
-    """A run's checkpoints/last.pt, written atomically. With keep_as, the same checkpoint also stays as
-    checkpoints/<keep_as>.pt (keep_checkpoints=true): a hard link, so no second write, and the next
-    last.pt replaces the name, not this file."""
+def save_checkpoint(obj: dict, run_dir: Path, step: int, keep: bool = False) -> None:
+    """A run's checkpoints/last.pt, written atomically. With keep (keep_checkpoints=true) the same
+    checkpoint also stays as checkpoints/step_<step>.pt: a hard link, so no second write, and the
+    next last.pt replaces the name, not this file."""
     last = Path(run_dir) / "checkpoints" / "last.pt"
     save_atomic(obj, last)
-    if keep_as:
-        kept = last.with_name(f"{keep_as}.pt")
+    if keep:
+        kept = last.with_name(f"step_{step}.pt")
         kept.unlink(missing_ok=True)   # a resumed run may pass the same step again
         try:
             os.link(last, kept)

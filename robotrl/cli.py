@@ -61,8 +61,8 @@ def number_option(opts: dict, key: str, least: float = 0, integer: bool = True) 
     """opts[key] as a number >= least (an integer unless integer=False; 1e6 reads as 1000000), or an
     error that names the key."""
     try:
-        value = float(opts[key])
-    except ValueError:
+        value = math.nan if isinstance(opts[key], bool) else float(opts[key])   # true is not 1
+    except (TypeError, ValueError):   # null, a list, a word
         value = math.nan
     if not value >= least or (integer and not value.is_integer()):
         raise UsageError(f"{key} must be {'an integer' if integer else 'a number'} >= {least:g}, got '{opts[key]}'")
@@ -133,16 +133,10 @@ RUN_KEYS = {"seed": (int, 0), "num_envs": (int, 1), "nthread": (int, 1), "total_
 
 def check_run_keys(cfg) -> None:
     for key, rule in RUN_KEYS.items():
-        value = cfg[key]
-        if rule is bool:
-            if not isinstance(value, bool):
-                raise UsageError(f"{key} must be true or false, got '{value}'")
-            continue
-        kind, least = rule
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (kind is int and value != int(value)) or value < least:
-            what = "an integer" if kind is int else "a number"
-            raise UsageError(f"{key} must be {what} >= {least}, got '{value}'")
+        if rule is not bool:
+            number_option(cfg, key, least=rule[1], integer=rule[0] is int)
+        elif not isinstance(cfg[key], bool):
+            raise UsageError(f"{key} must be true or false, got '{cfg[key]}'")
 
 
 def cmd_train(args: list[str]) -> Path:

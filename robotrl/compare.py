@@ -103,10 +103,9 @@ def evaluate_rows(rows: list[dict], out: Path, episodes: int, seeds: list[int], 
                    "vel_error": [r.get("vel_tracking_error", math.nan) for r in results],
                    "success_rate": [r["success_rate"] for r in results]}
         for key, values in figures.items():
-            known = [v for v in values if v is not None]
-            row[key] = float(np.mean(known)) if known else None
-            if len(seeds) > 1 and known:
-                row[f"{key}_range"] = [float(min(known)), float(max(known))]
+            row[key] = float(np.mean(values))
+            if len(seeds) > 1:
+                row[f"{key}_range"] = [float(min(values)), float(max(values))]
         joints = [r["joint_power_w"] for r in results if r.get("joint_power_w")]
         row["joint_power_w"] = {j: float(np.mean([jp[j] for jp in joints])) for j in joints[0]} if joints else None
         row["eval_seeds"] = list(seeds)

@@ -213,12 +213,11 @@ def train_bc(cfg: DictConfig) -> Path:
             logger.log(step, metrics)
         if evaluate_now:
             save_checkpoint({"algo": "bc", "model": bc.base.state_dict(), "opt": bc.opt.state_dict(),
-                         "grad_steps": step,
-                         "env_steps": 0, "config": OmegaConf.to_container(cfg, resolve=True),
-                         "obs_size": probe.obs_size, "action_size": probe.action_size,
-                         "demos_header": demos.header, "demo_episodes": demos.num_episodes,
-                         "parity_obs": ev["parity_obs"], "parity_starts": ev["parity_starts"], "eval": last_eval},
-                        run_dir, keep_as=f"step_{step}" if cfg.get("keep_checkpoints", False) else None)
+                             "grad_steps": step, "env_steps": 0, "config": OmegaConf.to_container(cfg, resolve=True),
+                             "obs_size": probe.obs_size, "action_size": probe.action_size,
+                             "demos_header": demos.header, "demo_episodes": demos.num_episodes,
+                             "parity_obs": ev["parity_obs"], "parity_starts": ev["parity_starts"], "eval": last_eval},
+                            run_dir, step, keep=cfg.get("keep_checkpoints", False))
     logger.close()
     _finish(run_dir, cfg, ["loss/bc", "eval/success_rate", "eval/episode_length"],
             {"algo": "bc", "policy": acfg.policy, "demo_episodes": demos.num_episodes,
@@ -414,14 +413,14 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
             ev = run_eval(env_steps, record=env_steps >= c.env_steps)
             row.update({"eval/success_rate": ev["success_rate"], "eval/episode_length": ev["episode_length"]})
             save_checkpoint({"algo": c.name,
-                         "model": {"base": unwrap(base).state_dict(), "learner": learner.state_dict()},
-                         "env_steps": env_steps, "config": OmegaConf.to_container(cfg, resolve=True),
-                         "base_config": base_cfg, "obs_size": task.obs_size, "action_size": task.action_size,
-                         "parity_obs": ev.get("parity_obs"), "parity_starts": ev.get("parity_starts"),
-                         "eval": {k: v for k, v in ev.items() if not k.startswith("parity")},
-                         "eval0": {k: v for k, v in ev0.items() if not k.startswith("parity")},
-                         "replay": online.save(run_dir / "checkpoints"), "successes": collector.successes},
-                        run_dir, keep_as=f"step_{env_steps}" if cfg.get("keep_checkpoints", False) else None)
+                             "model": {"base": unwrap(base).state_dict(), "learner": learner.state_dict()},
+                             "env_steps": env_steps, "config": OmegaConf.to_container(cfg, resolve=True),
+                             "base_config": base_cfg, "obs_size": task.obs_size, "action_size": task.action_size,
+                             "parity_obs": ev.get("parity_obs"), "parity_starts": ev.get("parity_starts"),
+                             "eval": {k: v for k, v in ev.items() if not k.startswith("parity")},
+                             "eval0": {k: v for k, v in ev0.items() if not k.startswith("parity")},
+                             "replay": online.save(run_dir / "checkpoints"), "successes": collector.successes},
+                            run_dir, env_steps, keep=cfg.get("keep_checkpoints", False))
             online.prune(run_dir / "checkpoints")   # segments the new checkpoint no longer lists
         if env_steps >= next_log or row:
             next_log += c.log_every if env_steps >= next_log else 0

@@ -119,10 +119,10 @@ def train(cfg: DictConfig) -> Path:
         bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W")
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
             save_checkpoint({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
-                         "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
-                         "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs,
-                         "parity_starts": parity_starts},
-                        run_dir, keep_as=f"step_{env_steps}" if cfg.get("keep_checkpoints", False) else None)
+                             "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
+                             "config": OmegaConf.to_container(cfg, resolve=True), "parity_obs": parity_obs,
+                             "parity_starts": parity_starts},
+                            run_dir, env_steps, keep=cfg.get("keep_checkpoints", False))
     bar.close()
     logger.close()
     finish(run_dir, cfg, algo)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from real.artifact import load_artifact
+from robotrl.checkpoint import load_checkpoint
 from robotrl.cli import main
 
 TASK = ["task=arm_lift", "progress=false", "video=false"]
@@ -603,6 +604,19 @@ def test_baselines_train_and_export(algo, extra, bc_run, tmp_path):
     assert main(["export", f"run={d}", f"out={d}/p.pt"]) == 0
     m = load_artifact(d / "p.pt").manifest
     assert m["policy"]["family"] == algo and m["training"]["algo"] == algo
+
+
+def test_an_offpolicy_run_keeps_its_checkpoints_for_export(demos_file, tmp_path):
+    """keep_checkpoints=true in the off-policy runner too: each evaluation's checkpoint stays as
+    step_<N>.pt, and exports to <task>_<algo>_step_<N>.pt."""
+    d = tmp_path / "bc"
+    assert main(["train", *TASK, *TINY_BC, "algo.eval_every=100", f"algo.demos={demos_file}", f"run_dir={d}",
+                 "keep_checkpoints=true"]) == 0
+    kept = sorted(p.name for p in (d / "checkpoints").glob("step_*.pt"))
+    assert kept == ["step_100.pt", "step_200.pt"], kept
+    assert load_checkpoint(d / "checkpoints" / "step_100.pt")["grad_steps"] == 100
+    assert main(["export", f"run={d / 'checkpoints' / 'step_100.pt'}"]) == 0
+    assert (d / "arm_lift_bc_step_100.pt").is_file()
 
 
 def test_resume_of_a_bc_run_is_refused_by_name(bc_run, capsys):
