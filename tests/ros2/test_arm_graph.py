@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from geometry_msgs.msg import PoseStamped
+from rclpy.qos import HistoryPolicy, QoSProfile
 
 from hil_rig import REPO, TIMING, free_udp_port, wait_for
 from real.artifact import load_artifact
@@ -24,12 +25,15 @@ ARM = load_robot("arm7")
 
 
 class CubeWatch:
-    """The newest cube heights on /object_pose, with their arrival times."""
+    """The cube heights on /object_pose, with their arrival times. Its queue holds a second of
+    poses, so that a busy test process counts every pose the firmware sent rather than only the
+    newest one when its executor gets round to it (the graph's own subscribers keep the newest)."""
 
     def __init__(self, node):
         self.heights: list[tuple[float, float]] = []
         self.lock = threading.Lock()
-        node.create_subscription(PoseStamped, "/object_pose", self._on_pose, CONTROL_QOS)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=30, reliability=CONTROL_QOS.reliability)
+        node.create_subscription(PoseStamped, "/object_pose", self._on_pose, qos)
 
     def _on_pose(self, msg):
         with self.lock:
