@@ -3,16 +3,18 @@
 Topics (relative names: a namespace or a remap moves them together; each node also has a
 ``topics.<key>`` parameter for its name):
 
-| key                   | type                       | direction        | content                                 |
-| --------------------- | -------------------------- | ---------------- | --------------------------------------- |
-| joint_states          | sensor_msgs/JointState     | bridge -> policy | position, velocity, effort by joint name |
-| imu                   | sensor_msgs/Imu            | bridge -> policy | orientation (x,y,z,w in ROS), gyro, accel |
-| firmware_mode         | std_msgs/UInt8 (latched)   | bridge -> policy | firmware_bridge.Mode, on each change     |
-| joint_commands        | std_msgs/Float64MultiArray | policy -> bridge | one PD command, see ``command_to_msg``  |
-| firmware_mode_request | std_msgs/UInt8             | policy -> bridge | a firmware_bridge.Mode to ask for       |
-| cmd_vel               | geometry_msgs/Twist        | anyone -> policy | linear.x, linear.y, angular.z           |
+| key                   | type                       | direction            | content                                  |
+| --------------------- | -------------------------- | -------------------- | ---------------------------------------- |
+| joint_states          | sensor_msgs/JointState     | bridge -> policy     | position, velocity, effort by joint name |
+| imu                   | sensor_msgs/Imu            | bridge -> policy     | orientation (xyzw, ROS), gyro, accel     |
+| firmware_mode         | std_msgs/UInt8             | bridge -> policy     | firmware_bridge.Mode, on each change     |
+| joint_commands        | std_msgs/Float64MultiArray | policy -> bridge     | one PD command, see ``command_to_msg``   |
+| firmware_mode_request | std_msgs/UInt8             | policy -> bridge     | a firmware_bridge.Mode to ask for        |
+| cmd_vel               | geometry_msgs/Twist        | anyone -> policy     | linear.x, linear.y, angular.z            |
 | object_pose           | geometry_msgs/PoseStamped  | perception -> policy | the manipulated object, robot base frame |
-| goal            | geometry_msgs/PointStamped (latched) | operator -> policy | where the object should go, base frame |
+| goal                  | geometry_msgs/PointStamped | operator -> policy   | where the object should go, base frame   |
+
+firmware_mode and goal are latched (LATCHED_QOS): a late joiner gets the last one.
 
 object_pose and goal matter only to tabletop policies (their observation has cube_pos, target_pos,
 ...); their header.frame_id must be the robot's base frame or a frame the policy node's
