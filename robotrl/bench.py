@@ -1,4 +1,4 @@
-"""`robotrl bench sim|infer [--json FILE]`: figures against a baseline measured in the same run
+"""`robotrl bench sim|infer|loop|resfit [--json FILE]`: figures against a baseline measured in the same run
 (these machines are noisy, so ratios are what to compare)."""
 from __future__ import annotations
 
@@ -260,25 +260,34 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="robotrl bench")
-    p.add_argument("what", choices=["sim", "infer", "loop", "resfit"])
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--ppo-steps", type=int, default=32768)
-    p.add_argument("--artifact", default=None)
-    p.add_argument("--calls", type=int, default=5000)
+    p = argparse.ArgumentParser(prog="robotrl bench", description="Figures against a baseline measured in the same "
+                                "run, printed as a table (docs/benchmarks.md says what each measures).")
+    p.add_argument("what", choices=["sim", "infer", "loop", "resfit"],
+                   help="sim: env and PPO throughput; infer: artifact latency; loop: control-loop timing "
+                        "with and without ROS 2; resfit: the off-policy learner")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--seconds", default=3.0,
+                   help="time per measurement (sim, loop: per case; resfit: twice it per case)")
+    p.add_argument("--num-envs", default=64, help="sim: envs of the vector env")
+    p.add_argument("--ppo-steps", default=32768,
+                   help="sim: env steps of each PPO run (ours and stable-baselines3's)")
+    p.add_argument("--artifact", default=None, help="infer, loop: the artifact (default: the shipped ECO walker)")
+    p.add_argument("--calls", default=5000, help="infer: policy calls per file")
     a = p.parse_args(argv)
+    from robotrl.cli import number_option   # the CLI's one number check, which names the option
+    opts = {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()}
+    seconds, calls = number_option(opts, "--seconds", 0.1, integer=False), number_option(opts, "--calls", 100)
+    num_envs, ppo_steps = number_option(opts, "--num-envs", 2), number_option(opts, "--ppo-steps", 1)
     if a.what == "sim":
-        res = bench_sim(a.seconds, a.num_envs, a.ppo_steps)
+        res = bench_sim(seconds, num_envs, ppo_steps)
     elif a.what == "infer":
-        res = bench_infer(a.artifact, a.calls)
+        res = bench_infer(a.artifact, calls)
     elif a.what == "resfit":
         from robotrl.bench_resfit import bench_resfit
-        res = bench_resfit(a.seconds)
+        res = bench_resfit(seconds)
     else:
         from robotrl.bench_loop import bench_loop
-        res = bench_loop(a.seconds, artifact=a.artifact)
+        res = bench_loop(seconds, artifact=a.artifact)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.json.with_suffix(".tmp")

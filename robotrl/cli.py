@@ -29,7 +29,7 @@ commands:
   demos   task=… n=N [noise=σ] [failures=K] [seed=S] [out=<file.npz>]   record scripted-expert demos
   report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
   report  <recording.mcap> [out=<dir>]               plots + summary.json of a ROS 2 recording (deploy record:=)
-  bench   sim|infer [--json <file>]                  throughput and latency figures
+  bench   sim|infer|loop|resfit [--json <file>]      throughput and latency figures (--help: options)
   deploy  <launch file> [name:=value ...]            run a ROS 2 launch file's node graph (--print, --show-args,
                                                      --start: call the policy's start once it is ready)
   operate start|damp|estop|reset | cmd_vel=[vx,vy,wz] | goal=[x,y,z] robot=…
@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             NonFiniteError, ExportError, FileNotFoundError, OmegaConfBaseException) as e:
         print(f"robotrl {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:   # argparse's (bench's options, after its message) and a deploy graph's status
+        return int(e.code or 0)
     return 0
 
 
