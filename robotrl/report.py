@@ -33,9 +33,36 @@ def _topic_key(topic: str) -> str:
     return topic.rsplit("/", 1)[-1]
 
 
+def _messages(path: Path) -> tuple[list, bool]:
+    """The recording's ROS 2 messages in log-time order, and whether the file is complete. A
+    recording the recorder could not close (killed, power lost: `<name>.mcap.tmp` is left) has no
+    summary; it is read as a stream up to its last whole chunk (the recorder flushes every second)."""
+    from mcap.exceptions import EndOfFile, InvalidMagic, McapError
+    from mcap.reader import NonSeekingReader, make_reader
+    from mcap_ros2.decoder import DecoderFactory
+    from mcap_ros2.reader import read_ros2_messages
+    with open(path, "rb") as f:
+        try:
+            make_reader(f).get_summary()   # a closed recording ends with its summary and footer
+            return list(read_ros2_messages(f)), True
+        except InvalidMagic:
+            raise ValueError(f"{path} is not an MCAP recording (it does not begin with MCAP's magic bytes)") from None
+        except McapError:
+            f.seek(0)
+        out, stream = [], NonSeekingReader(f, decoder_factories=[DecoderFactory()])
+        try:
+            for m in read_ros2_messages(stream, log_time_order=False):
+                out.append(m)
+        except EndOfFile:   # the cut: what came before it is whole
+            pass
+    return sorted(out, key=lambda m: m.log_time_ns), False
+
+
 def load(path: str | Path) -> dict:
     """The recording's messages as arrays by kind (times in seconds from the first message)."""
-    from mcap_ros2.reader import read_ros2_messages
+    messages, complete = _messages(Path(path))
+    if not messages:
+        raise ValueError(f"{path} holds no messages")
     counts: Counter = Counter()
     js_t, js_q, js_dq, js_tau, joint_names = [], [], [], [], None
     cmd_t, cmd_q, cmd_names = [], [], None
@@ -44,7 +71,7 @@ def load(path: str | Path) -> dict:
     loop_t, loop = [], defaultdict(list)
     modes, fw_modes, events, seen_events = [], [], [], set()
     t0 = None
-    for m in read_ros2_messages(str(path)):
+    for m in messages:
         topic = m.channel.topic
         counts[topic] += 1
         t = m.log_time_ns * 1e-9
@@ -92,7 +119,7 @@ def load(path: str | Path) -> dict:
                             seen_events.add(v)
                             events.append((t, v))
     arr = lambda x: np.asarray(x, dtype=float)  # noqa: E731
-    return {"counts": dict(counts), "duration_s": 0.0 if t0 is None else max(
+    return {"complete": complete, "counts": dict(counts), "duration_s": 0.0 if t0 is None else max(
                 [0.0, *js_t[-1:], *cmd_t[-1:], *loop_t[-1:], *vel_t[-1:]]),
             "js_t": arr(js_t), "q": arr(js_q), "dq": arr(js_dq), "tau": arr(js_tau), "joint_names": joint_names or [],
             "cmd_t": arr(cmd_t), "q_target": arr(cmd_q), "cmd_names": cmd_names,
@@ -115,6 +142,7 @@ def summarize(d: dict) -> dict:
     loop, obj = d["loop"], d["object"]
     last = {k: _finite(v[-1]) for k, v in loop.items() if len(v)}
     return {
+        "complete": d["complete"],   # false: the recorder did not close it; read up to its last whole chunk
         "duration_s": round(d["duration_s"], 3),
         "messages": d["counts"],
         "rate_hz": {k: round(n / d["duration_s"], 2) for k, n in d["counts"].items()} if d["duration_s"] > 0 else {},
@@ -237,6 +265,8 @@ def report(recording: str | Path, out: str | Path | None = None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.1f} {unit}"  # noqa: E731
     print(f"recording {recording}: {summary['duration_s']:.2f} s")
+    if not summary["complete"]:
+        print("  (not closed by the recorder - it was killed or lost power: read up to its last whole chunk)")
     for topic, n in sorted(summary["messages"].items()):
         print(f"  {topic:28s} {n:7d} messages ({summary['rate_hz'].get(topic, 0):.1f} Hz)")
     print(f"  mean power {summary['mean_power_w']:.2f} W, energy {summary['energy_j']:.2f} J, "

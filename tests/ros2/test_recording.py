@@ -5,6 +5,7 @@ import math
 import signal
 import subprocess
 import sys
+import time
 
 from geometry_msgs.msg import Twist
 
@@ -56,8 +57,43 @@ def test_record_sim_graph_and_report(hil, artifact, tmp_path):
     for name in PLOTS:
         assert (report_dir / name).stat().st_size > 1000, name
     summary = json.loads((report_dir / "summary.json").read_text())
-    assert summary["duration_s"] > 2.0 and summary["messages"] == counts
+    assert summary["complete"] is True and summary["duration_s"] > 2.0 and summary["messages"] == counts
     for key in ("mean_power_w", "energy_j", "max_abs_torque_nm", "loop_lateness_p99_us", "loop_compute_p99_us"):
         assert summary[key] is not None and math.isfinite(summary[key]), (key, summary[key])
     assert summary["max_abs_torque_nm"] > 0
     assert any(m["mode"] == "RUNNING" for m in summary["policy_modes"]) or summary["policy_modes"], summary
+
+
+def test_a_killed_recorders_file_is_read_up_to_its_last_flush(hil, tmp_path):
+    """A recorder killed without its shutdown (SIGKILL: a crash, a power cut) leaves `<name>.tmp`
+    without MCAP's summary; `robotrl report` still reads every chunk it flushed, and says the file
+    is incomplete. A file that is not MCAP at all is refused by name."""
+    rec = tmp_path / "crash.mcap"
+    proc = subprocess.Popen([sys.executable, "-m", "robotrl_ros.recorder_node", "--ros-args",
+                             "-p", f"path:={rec}", "-p", "flush_s:=0.2"], cwd=REPO)
+    try:
+        pub = hil.ros.node.create_publisher(Twist, "cmd_vel", 10)
+        sent, deadline = 0, time.monotonic() + 30
+        while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(40):   # 2 s at 20 Hz: several flushes
+            twist = Twist()
+            twist.linear.x = 0.01 * sent
+            pub.publish(twist)
+            sent += 1
+            time.sleep(0.05)
+        time.sleep(0.5)   # past the last flush
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    tmp = tmp_path / "crash.mcap.tmp"
+    assert tmp.is_file() and not rec.exists()
+    out = tmp_path / "report"
+    assert cli_main(["report", str(tmp), f"out={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert summary["messages"]["/cmd_vel"] >= 0.8 * sent, (summary["messages"], sent)
+
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    assert cli_main(["report", str(garbage)]) == 2
