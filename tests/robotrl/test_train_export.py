@@ -244,6 +244,7 @@ def test_resume_after_kill(tmp_path, capsys):
     (["bench", "infer", "--calls", "0"], "--calls must be an integer >= 100, got '0'"),
     (["bench", "sim", "--seconds", "x"], "--seconds must be a number >= 0.1, got 'x'"),
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),
+    (["report", "runs=/nonexistent"], "/nonexistent is not a run folder: it has no config.yaml or metrics.csv"),
     (["export"], "run="),
     (["eval", "artifact=/nonexistent.pt"], "artifact not found"),
     (["frobnicate"], "unknown command"),
