@@ -20,7 +20,8 @@ LABELS = {"bc": "BC base (chunked)", "resfit": "ResFiT (residual, off-policy)", 
 def _run(path: Path) -> dict:
     missing = [name for name in ("config.yaml", "metrics.csv") if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a run folder: it has no {' or '.join(missing)} (robotrl train writes both)")
+        raise FileNotFoundError(f"{path} is not a run folder: it has no {' or '.join(missing)} "
+                                "(robotrl train writes both)")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     cols = read_csv(path / "metrics.csv")
     steps, succ = cols.get("env_steps", []), cols.get("eval/success_rate", [])
