@@ -14,6 +14,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -33,36 +34,40 @@ def _topic_key(topic: str) -> str:
     return topic.rsplit("/", 1)[-1]
 
 
-def _messages(path: Path) -> tuple[list, bool]:
-    """The recording's ROS 2 messages in log-time order, and whether the file is complete. A
-    recording the recorder could not close (killed, power lost: `<name>.mcap.tmp` is left) has no
-    summary; it is read as a stream up to its last whole chunk (the recorder flushes every second)."""
-    from mcap.exceptions import EndOfFile, InvalidMagic, McapError
-    from mcap.reader import NonSeekingReader, make_reader
-    from mcap_ros2.decoder import DecoderFactory
+def _messages(path: Path) -> tuple[Iterator, bool]:
+    """The recording's ROS 2 messages, streamed in the order they were logged, and whether the file is complete.
+    A recording the recorder could not close (killed, power lost: `<name>.mcap.tmp` is left) has no
+    summary; it is read as a stream up to its last whole chunk (the recorder flushes every second),
+    in file order, which is the order the recorder wrote the messages as they arrived."""
+    from mcap.exceptions import InvalidMagic, McapError
+    from mcap.reader import make_reader
     from mcap_ros2.reader import read_ros2_messages
     with open(path, "rb") as f:
         try:
             make_reader(f).get_summary()   # a closed recording ends with its summary and footer
-            return list(read_ros2_messages(f)), True
         except InvalidMagic:
             raise ValueError(f"{path} is not an MCAP recording (it does not begin with MCAP's magic bytes)") from None
         except McapError:
-            f.seek(0)
-        out, stream = [], NonSeekingReader(f, decoder_factories=[DecoderFactory()])
+            return _up_to_the_cut(path), False
+    return read_ros2_messages(str(path)), True
+
+
+def _up_to_the_cut(path: Path) -> Iterator:
+    from mcap.exceptions import EndOfFile
+    from mcap.reader import NonSeekingReader
+    from mcap_ros2.decoder import DecoderFactory
+    from mcap_ros2.reader import read_ros2_messages
+    with open(path, "rb") as f:
         try:
-            for m in read_ros2_messages(stream, log_time_order=False):
-                out.append(m)
+            yield from read_ros2_messages(NonSeekingReader(f, decoder_factories=[DecoderFactory()]),
+                                          log_time_order=False)
         except EndOfFile:   # the cut: what came before it is whole
-            pass
-    return sorted(out, key=lambda m: m.log_time_ns), False
+            return
 
 
 def load(path: str | Path) -> dict:
     """The recording's messages as arrays by kind (times in seconds from the first message)."""
     messages, complete = _messages(Path(path))
-    if not messages:
-        raise ValueError(f"{path} holds no messages")
     counts: Counter = Counter()
     js_t, js_q, js_dq, js_tau, joint_names = [], [], [], [], None
     cmd_t, cmd_q, cmd_names = [], [], None
@@ -118,8 +123,10 @@ def load(path: str | Path) -> dict:
                         if k.startswith("event_") and v not in seen_events:
                             seen_events.add(v)
                             events.append((t, v))
+    if t0 is None:
+        raise ValueError(f"{path} holds no messages")
     arr = lambda x: np.asarray(x, dtype=float)  # noqa: E731
-    return {"complete": complete, "counts": dict(counts), "duration_s": 0.0 if t0 is None else max(
+    return {"complete": complete, "counts": dict(counts), "duration_s": max(
                 [0.0, *js_t[-1:], *cmd_t[-1:], *loop_t[-1:], *vel_t[-1:]]),
             "js_t": arr(js_t), "q": arr(js_q), "dq": arr(js_dq), "tau": arr(js_tau), "joint_names": joint_names or [],
             "cmd_t": arr(cmd_t), "q_target": arr(cmd_q), "cmd_names": cmd_names,
