@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 import torch
+
+from robotrl.files import output_place, write_text
 
 
 def _rate(fn, seconds: float) -> float:
@@ -278,6 +279,8 @@ def main(argv: list[str]) -> None:
     opts = {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()}
     seconds, calls = number_option(opts, "--seconds", 0.1, integer=False), number_option(opts, "--calls", 100)
     num_envs, ppo_steps = number_option(opts, "--num-envs", 2), number_option(opts, "--ppo-steps", 1)
+    if a.json:
+        output_place(a.json, "--json")
     if a.what == "sim":
         res = bench_sim(seconds, num_envs, ppo_steps)
     elif a.what == "infer":
@@ -289,8 +292,5 @@ def main(argv: list[str]) -> None:
         from robotrl.bench_loop import bench_loop
         res = bench_loop(seconds, artifact=a.artifact)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, a.json)
+        write_text(a.json, json.dumps(res, indent=1))
         print(f"\nwrote {a.json}")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+
+from robotrl.files import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -13,18 +15,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(obj: dict, run_dir: Path, step: int, keep: bool = False) -> None:
@@ -55,10 +47,15 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():   # torch's advice for an artifact given here; the error below says it
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{path} is corrupt or truncated and cannot be read "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(ckpt, torch.jit.ScriptModule):   # torch.load hands a TorchScript file to torch.jit.load
+        raise CheckpointError(f"{path} is an exported artifact, not a checkpoint: give a run folder or its "
+                              "checkpoints/*.pt (robotrl eval takes the artifact)")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a robotrl checkpoint (no 'model'/'config' entries)")
     return ckpt

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from robotrl.files import output_place
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 warnings.filterwarnings("ignore", message=".*torch.jit.*")  # TorchScript is deprecated upstream; we ship it on purpose
 
@@ -164,6 +166,8 @@ def cmd_train(args: list[str]) -> Path:
         if not any(a.startswith("total_steps=") for a in args):
             args = [*args, f"total_steps={saved['total_steps']}"]
     cfg = compose_train_config(args)
+    if not resume:
+        output_place(cfg.run_dir, "run_dir", folder=True)
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
@@ -177,6 +181,8 @@ def cmd_export(args: list[str]) -> Path:
     opts, _ = parse_pairs(args, {"run": None, "out": None, "format": None})
     if not opts["run"]:
         raise UsageError("export needs run=<run dir or checkpoint>")
+    if opts["out"]:
+        output_place(opts["out"], "out")
     return export_run(opts["run"], opts["out"], opts["format"])
 
 
@@ -186,6 +192,9 @@ def cmd_eval(args: list[str]) -> dict:
                                          "command": None, "num_envs": "10", "video": None})
     if not opts["artifact"]:
         raise UsageError("eval needs artifact=<file>")
+    for key in ("out", "video"):
+        if opts[key]:
+            output_place(opts[key], key)
     return evaluate_artifact(opts["artifact"], episodes=number_option(opts, "episodes", 1), out=opts["out"],
                              seed=number_option(opts, "seed"), command=opts["command"], overrides=overrides,
                              num_envs=number_option(opts, "num_envs", 1),
@@ -200,6 +209,7 @@ def cmd_compare(args: list[str]) -> Path:
                                          "eval_seeds": None})
     if opts["train"] not in ("true", "false"):
         raise UsageError(f"train must be true or false, got '{opts['train']}'")
+    output_place(opts["out"], "out", folder=True)
     return compare(parse_list(opts["runs"]), parse_list(opts["artifacts"]), Path(opts["out"]),
                    episodes=number_option(opts, "episodes", 1), seed=number_option(opts, "seed"),
                    eval_envs=number_option(opts, "eval_envs", 1),
@@ -212,13 +222,15 @@ def cmd_compare(args: list[str]) -> Path:
 def cmd_demo(args: list[str]) -> None:
     from robotrl.demo import demo
     opts, _ = parse_pairs(args, {"steps": "300000", "out": "runs/demo"})
-    demo(number_option(opts, "steps", 1), Path(opts["out"]))
+    demo(number_option(opts, "steps", 1), output_place(opts["out"], "out", folder=True))
 
 
 def cmd_demos(args: list[str]) -> Path:
     from robotrl.datasets import demos_command
     opts, overrides = parse_pairs(args, {"task": "arm_lift", "n": "50", "noise": "0.0", "failures": "0", "seed": "0",
                                          "out": None, "num_envs": "4"})
+    if opts["out"]:
+        output_place(opts["out"], "out")
     return demos_command(opts["task"], n=number_option(opts, "n", 1), noise=number_option(opts, "noise", integer=False),
                          failures=number_option(opts, "failures"), seed=number_option(opts, "seed"), out=opts["out"],
                          num_envs=number_option(opts, "num_envs", 1), overrides=overrides)
@@ -228,11 +240,14 @@ def cmd_report(args: list[str]) -> dict:
     if args and "=" not in args[0]:   # robotrl report <recording.mcap> [out=<dir>]: a ROS 2 recording
         from robotrl.report import report as report_recording
         opts, _ = parse_pairs(args[1:], {"out": None})
+        if opts["out"]:
+            output_place(opts["out"], "out", folder=True)
         return report_recording(args[0], opts["out"])
     from robotrl.report_resfit import report
     opts, _ = parse_pairs(args, {"runs": None, "out": "runs/report", "title": ""})
     if not opts["runs"]:
         raise UsageError("report needs runs=<run dir>,<run dir>,… (bc, resfit, rlpd, resppo runs)")
+    output_place(opts["out"], "out", folder=True)
     return report([r for r in opts["runs"].split(",") if r], opts["out"], opts["title"])
 
 
@@ -291,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[cmd](rest)
     except (UsageError, ValueError, SpecError, ArtifactError, ManifestMismatch, CheckpointError,
-            NonFiniteError, ExportError, FileNotFoundError, OmegaConfBaseException) as e:
+            NonFiniteError, ExportError, OSError, OmegaConfBaseException) as e:   # OSError: a file's trouble, named
         print(f"robotrl {cmd}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:   # argparse's (bench's options, after its message) and a deploy graph's status

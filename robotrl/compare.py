@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from robotrl.files import save_figure, write_text
+
 METHODS = ["eco", "ppo_shaping", "ipo", "p3o", "crpo", "pid_lagrangian"]
 BUDGET_FREE = {"ppo", "ppo_shaping"}   # their training ignores the budget: trained once, not per budget
 
@@ -166,7 +168,7 @@ def write_markdown(rows: list[dict], plots: list[Path], path: Path) -> None:
         lines += [f"| {r['label']} | " + " | ".join(_fmt(r["joint_power_w"].get(j), ".2f") for j in joints) + " |"
                   for r in rows if r.get("joint_power_w")]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
 
 
 def plot_report(rows: list[dict], out: Path) -> list[Path]:
@@ -185,7 +187,7 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
     ax.set(xlabel="environment steps", ylabel="average power (W)", title="power over training (dashed: budgets)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "power_over_training.png"))
+    written.append(save_figure(fig, out / "power_over_training.png"))
 
     fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     for i, ax in zip(("1", "2"), axes):
@@ -197,7 +199,7 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     axes[-1].set_xlabel("environment steps")
     axes[0].set_title("multipliers (effective constraint weights) over training")
-    written.append(_save(fig, out / "multipliers_over_training.png"))
+    written.append(save_figure(fig, out / "multipliers_over_training.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
     def series(r: dict) -> str:   # chain2/eco_b75 and chain_sym/eco_b75: two chains of one method
@@ -215,7 +217,7 @@ def plot_report(rows: list[dict], out: Path) -> list[Path]:
            title="energy–tracking trade-off across budgets")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(_save(fig, out / "tradeoff.png"))
+    written.append(save_figure(fig, out / "tradeoff.png"))
     return written
 
 
@@ -226,12 +228,6 @@ def _spread(rows: list[dict], key: str) -> list[list[float]] | None:
     return [[r[key] - r[f"{key}_range"][0] for r in rows], [r[f"{key}_range"][1] - r[key] for r in rows]]
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10, seed: int = 0, eval_envs: int = 10,
@@ -256,6 +252,6 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
     evaluate_rows(rows, out, episodes, eval_seeds or [seed], eval_envs, command)
     plots = plot_report(rows, out)
     write_markdown(rows, plots, out / "report.md")
-    (out / "report.json").write_text(json.dumps(rows, indent=1))
+    write_text(out / "report.json", json.dumps(rows, indent=1))
     print(f"report: {out / 'report.md'}\n  plots: {', '.join(str(p) for p in plots)}")
     return out

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from robotrl.files import atomic_write, write_text
 
 FORMAT = "robotrl-demos"
 FORMAT_VERSION = 1
@@ -108,21 +108,11 @@ def save_demos(demos: Demos, path: str | Path) -> Path:
     if path.suffix != ".npz":
         path = path.with_suffix(".npz")
     demos.validate(str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: getattr(demos, k) for k in PER_STEP + PER_EPISODE}
     header = json.dumps(demos.header, indent=1, default=str)
-    for target, write in ((path, lambda f: np.savez_compressed(f, header=np.array(header), **arrays)),
-                          (path.with_suffix(".json"), lambda f: f.write(header.encode()))):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        np.savez_compressed(tmp, header=np.array(header), **arrays)
+    write_text(path.with_suffix(".json"), header)
     return path
 
 

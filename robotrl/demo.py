@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from robotrl import WALK_ARTIFACT as SHIPPED
+from robotrl.files import write_text
 
 
 def _eval_in_fresh_process(artifact: Path, out: Path, *extra: str) -> dict:
@@ -35,7 +36,7 @@ def demo(steps: int, out: Path) -> None:
         print(f"[4/4] evaluating the shipped walking policy {SHIPPED.name} and rendering it walking")
         report["shipped"] = _eval_in_fresh_process(SHIPPED, out / "eval_shipped.json", "episodes=10",
                                                    "command=[0.25,0,0]", f"video={out / 'shipped_walk.mp4'}")
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_text(out / "report.json", json.dumps(report, indent=1))
     print(f"\ndemo finished in {time.time() - t0:.0f} s\n")
     rows = [("short run (this demo)", short)] + ([("shipped walking policy", report["shipped"])]
                                                  if "shipped" in report else [])

@@ -3,7 +3,6 @@ Overrides make it a sim-to-sim check: another physics rate, other randomisation,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from real.artifact import load_artifact
+from robotrl.files import write_text
 
 
 def _parse_command(text: str | None):
@@ -95,11 +95,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
         result["joint_power_w"] = dict(zip(art.joint_names, np.concatenate(joint_power).mean(0).tolist()))
     print(json.dumps(result, indent=1))
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        write_text(out, json.dumps(result, indent=1))
     if video:
         from robotrl.video import record_video
         art.reset()

@@ -13,9 +13,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -25,6 +23,7 @@ import torch
 
 from real.artifact import (FORMAT, FORMAT_VERSION, ONNX_MANIFEST_KEY, artifact_format, load_artifact,
                            onnx_initializers_sha256, weights_sha256)
+from robotrl.files import atomic_write
 
 
 class ExportError(RuntimeError):
@@ -62,10 +61,7 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
             "hashes": {"weights_sha256": weights_sha256(scripted), **manifest.get("hashes", {})},
             "versions": library_versions()}   # no export time: the same policy gives the same bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)   # the suffix names the format
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:   # its suffix, the target's, names the format to the parity check
         if fmt == "onnx":
             _write_onnx(module, full, tmp, parity_obs)
         else:
@@ -80,16 +76,11 @@ def export_artifact(module: torch.nn.Module, manifest: dict, path: str | Path, p
         if not max_err <= atol:
             raise ExportError(f"parity check failed: artifact and training policy differ by {max_err:.3g} "
                               f"(> {atol}) on {len(parity_obs)} recorded observations; nothing was written")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an artifact is meant to be copied and read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     full["parity_max_abs_error"] = max_err
     return full
 
 
-def _write_onnx(module: torch.nn.Module, manifest: dict, path: str, parity_obs: np.ndarray) -> None:
+def _write_onnx(module: torch.nn.Module, manifest: dict, path: str | Path, parity_obs: np.ndarray) -> None:
     """The tick as an ONNX graph (obs [batch, n] -> action, q_target; a memory goes in and out as
     a tensor) with the manifest in the model's metadata, for onnxruntime on the robot."""
     try:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
+
+from robotrl.files import atomic_write, save_figure
 
 
 class MetricsLogger:
@@ -21,10 +22,8 @@ class MetricsLogger:
             if rows:
                 self.columns = rows[0]
                 kept = [r for r in rows[1:] if r and float(r[0]) <= resume_at]
-                tmp = self.csv_path.with_suffix(".tmp")
-                with open(tmp, "w", newline="") as f:
+                with atomic_write(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
                     csv.writer(f).writerows([self.columns, *kept])
-                os.replace(tmp, self.csv_path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -74,9 +73,5 @@ def plot_curves(csv_path: Path, out_dir: Path, keys: list[str]) -> list[Path]:
         ax.set_ylabel(k.replace("/", "\n"), fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("environment steps")
-    fig.tight_layout()
-    out = out_dir / "learning_curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    written.append(out)
+    written.append(save_figure(fig, out_dir / "learning_curves.png"))
     return written

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robotrl.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
+from robotrl.files import write_text
 from robotrl.logging import MetricsLogger, plot_curves
 
 PARITY_EPISODES = 2
@@ -131,9 +132,7 @@ def _finish(run_dir: Path, cfg: DictConfig, keys: list[str], summary: dict, vide
                              seed=cfg.seed, on_reset=reset)
     summary = {"run_dir": str(run_dir), "plots": [str(p) for p in curves], "video": str(video) if video else None,
                **summary}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run_dir / "summary.json")
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"run folder: {run_dir}\n  " + "\n  ".join(f"{k}: {v}" for k, v in summary.items() if k != "run_dir"))
 
 

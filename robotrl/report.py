@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
+from robotrl.files import save_figure, write_text
+
 MODE_NAMES = None   # firmware_bridge.Mode names, looked up lazily
 LOOP_KEYS = ("period_mean_us", "lateness_p99_us", "compute_p99_us", "overruns", "skipped", "ticks")
 
@@ -177,10 +179,7 @@ def _plots(d: dict, out: Path) -> list[Path]:
     written = []
 
     def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(save_figure(fig, out / name, dpi=100))
 
     names = d["joint_names"]
     n_show = min(4, d["q"].shape[1] if d["q"].ndim == 2 else 0)
@@ -269,7 +268,7 @@ def report(recording: str | Path, out: str | Path | None = None) -> dict:
     d = load(recording)
     summary = summarize(d)
     summary["plots"] = [p.name for p in _plots(d, out)]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.1f} {unit}"  # noqa: E731
     print(f"recording {recording}: {summary['duration_s']:.2f} s")
     if not summary["complete"]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import yaml
 
+from robotrl.files import save_figure, write_text
 from robotrl.logging import read_csv
 
 LABELS = {"bc": "BC base (chunked)", "resfit": "ResFiT (residual, off-policy)", "rlpd": "RLPD-style (no base, demos)",
@@ -61,10 +61,7 @@ def report(runs: list[str], out: str | Path = "runs/report", title: str = "") ->
     ax.set_title(title or f"{rows[0]['task'] if rows else ''}: success vs environment steps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    png = out / "success_vs_env_steps.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = save_figure(fig, out / "success_vs_env_steps.png")
     lines = ["| method | run | env steps | success at start | final success | best | eval episodes |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -74,8 +71,6 @@ def report(runs: list[str], out: str | Path = "runs/report", title: str = "") ->
     result = {"plot": str(png), "table": table, "runs": rows}
     for name, text in (("report.md", f"# {title or 'ResFiT report'}\n\n![]({png.name})\n\n{table}\n"),
                        ("report.json", json.dumps(result, indent=1, default=str))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     print(table + f"\n\nplot: {png}\nreport: {out / 'report.md'}")
     return result

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from robotrl.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
+from robotrl.files import write_text
 from robotrl.logging import MetricsLogger, plot_curves
 
 PARITY_ROWS = 512
@@ -169,5 +170,5 @@ def finish(run_dir: Path, cfg: DictConfig, algo) -> None:
         video = record_video(task_cfg, policy, run_dir / "rollout.mp4", seconds=cfg.video_seconds, seed=cfg.seed,
                              on_reset=reset)
     summary = {"run_dir": str(run_dir), "plots": [str(p) for p in curves], "video": str(video) if video else None}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     print(f"run folder: {run_dir}\n  plots: {', '.join(str(p) for p in curves)}\n  video: {video}")

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from robotrl.files import atomic_write
+
 
 def record_video(task_cfg, policy: Callable[[np.ndarray], np.ndarray], path: Path, seconds: float = 6.0,
                  seed: int = 0, fps: int = 25, on_reset: Callable[[], None] | None = None) -> Path | None:
@@ -29,9 +31,8 @@ def record_video(task_cfg, policy: Callable[[np.ndarray], np.ndarray], path: Pat
                 obs, _ = env.reset()
                 if on_reset is not None:
                     on_reset()
-        tmp = path.with_suffix(".tmp.mp4")
-        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=8)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=8)
         return path
     except Exception as e:  # a missing GL backend must not lose the run; say why and go on
         print(f"video skipped: offscreen rendering failed ({type(e).__name__}: {e}); "

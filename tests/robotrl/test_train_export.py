@@ -245,12 +245,22 @@ def test_resume_after_kill(tmp_path, capsys):
     (["bench", "sim", "--seconds", "x"], "--seconds must be a number >= 0.1, got 'x'"),
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),
     (["report", "runs=/nonexistent"], "/nonexistent is not a run folder: it has no config.yaml or metrics.csv"),
+    (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.pt'}"], "kid_biped_walk_eco.pt is an exported artifact, not a "
+     "checkpoint: give a run folder or its checkpoints/"),
+    # Where results go is checked before the work that makes them.
+    (["train", f"run_dir={__file__}/run"], f"run_dir={__file__}/run: {__file__} is a file, not a folder"),
+    (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", f"out={__file__}/eval.json"],
+     "is a file, not a folder"),
+    (["export", "run=runs/x", f"out={ARTIFACTS}"], "out=.*artifacts is a folder; out names a file"),
+    (["demo", f"out={__file__}"], "is a file, not a folder"),
+    (["bench", "infer", "--json", f"{__file__}/b.json"], "--json=.* is a file, not a folder"),
     (["export"], "run="),
     (["eval", "artifact=/nonexistent.pt"], "artifact not found"),
     (["frobnicate"], "unknown command"),
 ])
 def test_bad_input_is_named(args, needle, capsys, tmp_path):
-    assert main([*args, f"run_dir={tmp_path}/x"] if args[0] == "train" else args) == 2
+    own_run_dir = args[0] == "train" and not any(a.startswith("run_dir=") for a in args)
+    assert main([*args, f"run_dir={tmp_path}/x"] if own_run_dir else args) == 2
     err = capsys.readouterr().err
     import re
     assert re.search(needle, err), err

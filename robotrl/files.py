@@ -1,0 +1,64 @@
+"""Writing files so that nothing is lost: every file robotrl writes goes through `atomic_write`."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` to write; when the block ends without an error it is synced
+    and renamed onto `path`, so a reader (or a crash) sees the old file or the new one, never half
+    of one. On an error nothing is written and no temporary file is left. The temporary name ends
+    in the target's suffix, for writers that pick a format by it (imageio, numpy's savez)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp" + path.suffix)
+    except OSError as e:   # say which file could not be written, not the temporary's random name
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror})") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; what robotrl writes is meant to be copied and read
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def output_place(path: str | Path, key: str, folder: bool = False) -> Path:
+    """`key=path`, a file (or a folder) a command will write, checked before the command's work
+    starts, so that an hour of training or evaluation does not end in an error about where its
+    results go. Nothing is created here."""
+    path = Path(path)
+    where = path if folder else path.parent
+    existing = next(p for p in (where, *where.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{key}={path}: {existing} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{key}={path} is a folder; {key} names a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={path}: {existing} is not writable")
+    return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as an image (the format by the suffix), written atomically, then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
