@@ -1,4 +1,4 @@
-"""Writing files so that nothing is lost: every file robotrl writes goes through `atomic_write`."""
+"""Writing files so that nothing is lost: every file robotrl writes whole goes through `atomic_write`."""
 from __future__ import annotations
 
 import os
