@@ -196,7 +196,8 @@ def cmd_eval(args: list[str]) -> dict:
         if opts[key]:
             output_place(opts[key], key)
     return evaluate_artifact(opts["artifact"], episodes=number_option(opts, "episodes", 1), out=opts["out"],
-                             seed=number_option(opts, "seed"), command=opts["command"], overrides=overrides,
+                             seed=number_option(opts, "seed"),
+                             command=numbers(opts, "command", 3) if opts["command"] else None, overrides=overrides,
                              num_envs=number_option(opts, "num_envs", 1),
                              video=opts["video"])
 
@@ -213,7 +214,8 @@ def cmd_compare(args: list[str]) -> Path:
     return compare(parse_list(opts["runs"]), parse_list(opts["artifacts"]), Path(opts["out"]),
                    episodes=number_option(opts, "episodes", 1), seed=number_option(opts, "seed"),
                    eval_envs=number_option(opts, "eval_envs", 1),
-                   command=opts["command"], train=opts["train"] == "true", methods=parse_list(opts["methods"]),
+                   command=numbers(opts, "command", 3) if opts["command"] else None, train=opts["train"] == "true",
+                   methods=parse_list(opts["methods"]),
                    budgets=parse_list(opts["budgets"]), steps=number_option(opts, "steps", 1),
                    num_envs=number_option(opts, "num_envs", 1) if opts["num_envs"] else None, overrides=overrides,
                    eval_seeds=[number_option({"eval_seeds": v}, "eval_seeds") for v in parse_list(opts["eval_seeds"])])

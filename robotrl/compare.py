@@ -85,7 +85,7 @@ def describe_run(run: Path) -> dict:
 
 
 def evaluate_rows(rows: list[dict], out: Path, episodes: int, seeds: list[int], num_envs: int,
-                  command: str | None) -> None:
+                  command: list[float] | None) -> None:
     """Export each run and evaluate its artifact once per evaluation seed (eval/<label>.json, or
     eval/<label>.seed<k>.json for several); a row's figures are the means over the seeds, and with
     several seeds <figure>_range holds their [min, max]."""
@@ -231,7 +231,7 @@ def _spread(rows: list[dict], key: str) -> list[list[float]] | None:
 
 
 def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10, seed: int = 0, eval_envs: int = 10,
-            command: str | None = None, train: bool = False, methods: list[str] | None = None,
+            command: list[float] | None = None, train: bool = False, methods: list[str] | None = None,
             budgets: list[str] | None = None, steps: int = 1_000_000, num_envs: int | None = None,
             overrides: list[str] | None = None, eval_seeds: list[int] | None = None) -> Path:
     """seed: the training seed (train=true) and, unless eval_seeds are given, the one evaluation seed."""

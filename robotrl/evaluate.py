@@ -13,15 +13,6 @@ from real.artifact import load_artifact
 from robotrl.files import write_text
 
 
-def _parse_command(text: str | None):
-    if text is None:
-        return None
-    vals = [float(v) for v in str(text).strip("[]() ").split(",")]
-    if len(vals) != 3:
-        raise ValueError(f"command must be [vx,vy,yaw_rate], got '{text}'")
-    return vals
-
-
 def _policy(art, path, num_envs: int):
     """act(obs [B, obs], starts [B]) -> actions, run as the robot runs the artifact. A stateless
     one (an MLP) takes the whole batch in one call; a stateful one (a chunk queue) gets one
@@ -39,7 +30,7 @@ def _policy(art, path, num_envs: int):
 
 
 def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | None = None, seed: int = 0,
-                      command: str | None = None, overrides: list[str] | None = None, num_envs: int = 10,
+                      command: list[float] | None = None, overrides: list[str] | None = None, num_envs: int = 10,
                       video: str | None = None) -> dict:
     from sim.envs import TaskVectorEnv, task_config
     art = load_artifact(path)
@@ -50,9 +41,10 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
             raise ValueError(f"eval override '{key}': only task.<key>=… overrides are accepted")
         # unknown keys are refused (naming them) when the task's schema checks the config below
         OmegaConf.update(base, key[5:], yaml.safe_load(value), force_add=True)  # "[1,1]" -> [1, 1]
-    cmd = _parse_command(command)
-    if cmd is not None:
-        base.command.vx, base.command.vy, base.command.yaw_rate = [cmd[0]] * 2, [cmd[1]] * 2, [cmd[2]] * 2
+    if command is not None:   # [vx, vy, yaw_rate], held for the whole evaluation
+        if "command" not in base:
+            raise ValueError(f"command=: task {base.name} has no velocity command (a walking task has)")
+        base.command.vx, base.command.vy, base.command.yaw_rate = ([float(c)] * 2 for c in command)
     task_cfg = task_config(OmegaConf.to_container(base))
     n = max(1, min(num_envs, episodes))
     env = TaskVectorEnv(task_cfg, num_envs=n, nthread=2)
@@ -88,7 +80,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
               "episode_length_mean": float(np.mean(lengths)),
               "mean_power_w": float(np.mean(np.concatenate(power))) if power else None,
               "episode_energy_j_mean": float(np.mean(energy)) if energy else None,
-              "task": task_cfg.name, "overrides": list(overrides or []), "command": cmd, "seed": seed}
+              "task": task_cfg.name, "overrides": list(overrides or []), "command": command, "seed": seed}
     if vel_err:
         result["vel_tracking_error"] = float(np.mean(np.concatenate(vel_err)))
     if joint_power:   # where the power goes: mean |τ·q̇| per joint, W (they sum to mean_power_w)

@@ -29,7 +29,7 @@ NOMINAL = {f.name: getattr(Randomization(), f.name) for f in dataclasses.fields(
 
 def in_process(artifact, episodes: int = 4) -> dict:
     overrides = [f"task.randomization.{k}={json.dumps(v)}" for k, v in NOMINAL.items()]
-    return evaluate_artifact(artifact, episodes=episodes, command="[0.25,0,0]", num_envs=episodes,
+    return evaluate_artifact(artifact, episodes=episodes, command=[0.25, 0, 0], num_envs=episodes,
                              overrides=[*overrides, f"task.episode_s={SECONDS}"])
 
 
