@@ -111,7 +111,7 @@ def _loopback_domain(domain_id: int | None) -> tuple[int, dict]:
 
 def ros_loop_stats(hz: float, seconds: float, artifact, domain_id: int | None = None) -> dict:
     """Start the graph at control rate `hz`, start the policy, measure for `seconds`, stop it
-    cleanly (SIGINT, reverse order: the policy damps the robot on its way out); see the module
+    cleanly (SIGTERM, reverse order: the policy damps the robot on its way out); see the module
     docstring for what each returned figure means."""
     from real.robot_spec import load_robot
     from robotrl.deploy import Graph, load_launch

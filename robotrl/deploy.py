@@ -11,8 +11,10 @@ Each node runs as a subprocess of the Python console_script its package declares
 (`python -m robotrl_ros.policy_node --ros-args -r __node:=policy -p robot:=kid_biped ...`); its
 output is streamed with a `[name]` prefix. Unlike `ros2 launch`, the graph is stopped as soon
 as any node exits (a half graph is not a robot one can run); on Ctrl-C / SIGTERM, or then,
-nodes get SIGINT in reverse start order (the policy first, so its last damping command still
-reaches the firmware through the bridge), escalated to SIGTERM and SIGKILL if they hang.
+nodes get SIGTERM in reverse start order (the policy first, so its last damping command still
+reaches the firmware through the bridge), escalated to SIGKILL if they hang. ROS 2 nodes stop on
+SIGTERM as on SIGINT (rclpy and rclcpp handle both); SIGTERM also ends quietly a node that is
+still importing when another one fails, where SIGINT printed a KeyboardInterrupt traceback.
 """
 from __future__ import annotations
 
@@ -282,10 +284,10 @@ class Graph:
     def stop(self, timeout_s: float = 5.0) -> dict[str, int]:
         """Stop every node, one at a time in reverse start order; returns their exit codes."""
         for name, proc in reversed(self.procs.items()):
-            for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
+            for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 2.0)):
                 if proc.poll() is not None:
                     break
-                if sig != signal.SIGINT:
+                if sig != signal.SIGTERM:
                     self.say("deploy", f"{name} did not stop: sending {sig.name}")
                 proc.send_signal(sig)
                 try:
