@@ -3,6 +3,7 @@ and the end-of-run plots and video. Algorithms plug in through ALGOS."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def train(cfg: DictConfig) -> Path:
     total_iters = max(1, int(np.ceil(cfg.total_steps / per_iter)))
     from tqdm import tqdm
     bar = tqdm(total=total_iters * per_iter, initial=env_steps, unit="step", unit_scale=True,
-               desc=f"{cfg.task.name}/{cfg.algo.name}", dynamic_ncols=True, disable=not cfg.progress)
+               desc=f"{cfg.task.name}/{cfg.algo.name}", dynamic_ncols=True, disable=not cfg.progress,
+               mininterval=0.1 if sys.stderr.isatty() else 30)   # into a log file: a line each 30 s, not each update
     returns, lengths, falls, episodes = [], [], 0, 0
     while iteration < total_iters:
         t0 = time.perf_counter()
@@ -116,8 +118,9 @@ def train(cfg: DictConfig) -> Path:
                    **{k: v / algo.cfg.steps_per_env for k, v in info_sums.items()}, **stats}
         falls = episodes = 0
         logger.log(env_steps, metrics)
+        bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W",
+                        refresh=False)   # shown by the update, at the bar's own interval
         bar.update(per_iter)
-        bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", P=f"{metrics['train/power_w']:.1f}W")
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
             save_checkpoint({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
                              "iteration": iteration, "env_steps": env_steps, "torch_rng": torch.get_rng_state(),
