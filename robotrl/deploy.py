@@ -233,14 +233,20 @@ def _node(body: dict, values: dict[str, str], path: Path) -> NodeSpec:
 
 # ------------------------------------------------------------------------------- running
 
+try:   # looked up here, not in the child: a forked child that dlopen()s can wait forever for the
+    # loader's lock if another thread of this process held it at the fork
+    _PRCTL = ctypes.CDLL(None).prctl   # Linux
+except (AttributeError, OSError, TypeError):
+    _PRCTL = None
+
+
 def _child_setup() -> None:
-    """In each node process: its own process group, so a terminal's Ctrl-C reaches deploy only
-    (which stops the nodes in order); and SIGTERM when deploy dies, so no node outlives it."""
+    """In each node process, between fork and exec (plain system calls only): its own process
+    group, so a terminal's Ctrl-C reaches deploy only (which stops the nodes in order); and SIGTERM
+    when deploy dies, so no node outlives it."""
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG (Linux)
-    except (AttributeError, OSError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
 class Graph:

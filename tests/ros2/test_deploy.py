@@ -1,5 +1,6 @@
 """`robotrl deploy`: the launch-file subset it reads, the sim-in-the-loop graph end to end
 (launch/sim.launch.yaml: emulated firmware + bridge + policy processes), and the refusals."""
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,34 @@ def test_sim_in_the_loop_through_robotrl_deploy(hil, artifact, tmp_path):
     assert (kp >= 0).all() and (kp <= SPEC.kp + 1e-4).all() and (kd >= 0).all() and (kd <= SPEC.kd + 1e-4).all()
     assert (ff == 0).all() and kp.max() > 0, "stiff commands (ramp and policy) reached the firmware"
     assert np.abs(q - SPEC.q_default).max(axis=1).min() < 1e-3, "the ramp ends on the default pose"
+
+
+def test_no_node_outlives_a_killed_deploy(tmp_path):
+    """deploy SIGKILLed (no chance to stop its graph): the kernel sends each node SIGTERM
+    (PR_SET_PDEATHSIG), so no bridge is left holding the robot's port."""
+    launch = write_launch(tmp_path, [{"node": {"pkg": "robotrl_ros", "exec": "bridge_node", "name": "bridge",
+                                               "param": [{"name": "robot", "value": "kid_biped"},
+                                                         {"name": "bind_port", "value": str(free_udp_port())},
+                                                         {"name": "firmware_port", "value": str(free_udp_port())}]}}])
+    out = tmp_path / "deploy.log"
+    with open(out, "w") as f:
+        deploy = subprocess.Popen([sys.executable, "-m", "robotrl.cli", "deploy", launch], stdout=f,
+                                  stderr=subprocess.STDOUT, cwd=REPO)
+    started = wait_for(lambda: re.search(r"started bridge \(pid (\d+)\)", out.read_text()), 30, "the bridge to start")
+    bridge = int(started[1])
+    wait_for(lambda: "[bridge] " in out.read_text().split("started bridge", 1)[1], 30, "the bridge's first line")
+    deploy.kill()
+    deploy.wait(10)
+    wait_for(lambda: not running(bridge), 10, f"the bridge (pid {bridge}) to end with deploy")
+
+
+def running(pid: int) -> bool:
+    """Whether pid is still a running process (a zombie, ended but not yet reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_manifest_mismatch_refused_and_graph_stopped(hil, artifact, tmp_path):
