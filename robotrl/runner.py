@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> Path:
         raise ValueError(f"init_lr must be 'source' or 'config', got '{init_lr}'")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     env, algo = build(cfg)
     obs, info = env.reset(seed=cfg.seed)
