@@ -61,7 +61,12 @@ class Controller:
         self.machine = ControlStateMachine(SafetyFilter(spec, max_delta=max_delta, max_state_age=max_state_age),
                                            ramp_duration=ramp_s)
         n = spec.n_joints
-        self._command = np.zeros(3)
+        # The velocity commands the policy was trained on, [low, high] per vx, vy, yaw rate: outside
+        # them what it does is unknown (a teleop's 1 m/s to a walker trained up to 0.4 m/s).
+        trained = m["task"].get("config", {}).get("command")
+        self.command_range = None if trained is None else np.array(
+            [trained["vx"], trained["vy"], trained["yaw_rate"]], dtype=np.float64).T   # rows: low, high
+        self._command = np.zeros(3)   # until the first command: standing is what "no command" means
         self._command_lock = threading.Lock()
         self.phase = 0.0
         self.last_action = np.zeros(n)
@@ -73,9 +78,18 @@ class Controller:
         self._firmware_was_running = False
 
     # ---- called from other threads ----
-    def set_velocity_command(self, vx: float, vy: float, yaw_rate: float) -> None:
+    def set_velocity_command(self, vx: float, vy: float, yaw_rate: float) -> np.ndarray | None:
+        """The command in force from now on, clamped into the range the policy was trained on; None
+        (and the previous command stays) if a value is not finite: a NaN here would reach the
+        observation, and the safety filter would damp the robot for an operator's typo."""
+        command = np.array([vx, vy, yaw_rate], dtype=np.float64)
+        if not np.isfinite(command).all():
+            return None
+        if self.command_range is not None:
+            command = np.clip(command, *self.command_range)
         with self._command_lock:
-            self._command = np.array([vx, vy, yaw_rate], dtype=np.float64)
+            self._command = command
+        return command.copy()
 
     @property
     def velocity_command(self) -> np.ndarray:

@@ -75,6 +75,24 @@ def test_idle_ramp_run_and_commands_reach_firmware_within_limits(tiny_artifact):
     assert_within_limits(spec, twin)
 
 
+def test_velocity_command_is_held_in_the_range_the_policy_was_trained_on(tiny_artifact):
+    """A teleop's 5 m/s to a walker trained up to 0.4 m/s reaches the policy as 0.4; a NaN is
+    ignored (the previous command stays) instead of damping the robot through the safety filter."""
+    _, _, _, ctl, tick = make(tiny_artifact)
+    trained = load_artifact(tiny_artifact).manifest["task"]["config"]["command"]
+    low, high = ctl.command_range
+    assert low.tolist() == [trained[k][0] for k in ("vx", "vy", "yaw_rate")]
+    assert high.tolist() == [trained[k][1] for k in ("vx", "vy", "yaw_rate")]
+    assert ctl.velocity_command.tolist() == [0, 0, 0]
+    assert ctl.set_velocity_command(5.0, -5.0, 0.1).tolist() == [high[0], low[1], 0.1]
+    assert ctl.set_velocity_command(float("nan"), 0.0, 0.0) is None
+    assert ctl.set_velocity_command(0.1, 0.0, float("inf")) is None
+    assert ctl.velocity_command.tolist() == [high[0], low[1], 0.1]
+    ctl.start()
+    tick(60)
+    assert ctl.mode is Mode.RUNNING, ctl.machine.safety.fault_reason
+
+
 def test_nan_observation_damps_and_latches(tiny_artifact):
     spec, twin, hw, ctl, tick = make(tiny_artifact)
     ctl.start()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from firmware_bridge import Mode, StateMsg, UdpTransport, encode
+from real.artifact import load_artifact
 from real.robot_spec import CONFIG_DIR
 from robotrl.cli import main as cli_main
 from robotrl.deploy import LaunchFileError, NodeSpec, load_launch
@@ -91,11 +92,18 @@ def test_sim_in_the_loop_through_robotrl_deploy(hil, artifact, tmp_path):
         assert stats["nominal_period_us"] == "20000.0" and abs(float(stats["period_error"])) < 0.2, stats
         assert int(hil.ros.status["firmware: emulated firmware"]["applied_commands"]) > 0
         assert hil.ros.status["bridge: firmware link"]["message"] == "forwarding"
+        # An operator's command beyond what the walker was trained on reaches it clamped.
+        vx_max = load_artifact(artifact).manifest["task"]["config"]["command"]["vx"][1]
+        assert cli_main(["operate", "cmd_vel=[5,0,0]"]) == 0
+        wait_for(lambda: hil.policy("velocity_command") == f"{vx_max:.3f}, 0.000, 0.000", 5.0,
+                 "the policy to hold the clamped command", lambda: str(hil.ros.status.get("policy: safety")))
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(30)
         print(text())
     assert code == 0
+    assert f"cmd_vel [5.0, 0.0, 0.0] clamped to [{vx_max}, 0.0, 0.0]: the policy was trained on vx [0, {vx_max:g}]" \
+        in text()
     assert "[deploy] stopped: firmware 0, bridge 0, policy 0" in text()
     assert "[policy] " in text() and "[firmware] " in text()
     assert "in mode DAMPING" in text(), "the clean shutdown must leave the firmware passive"

@@ -148,7 +148,17 @@ class PolicyNode(RobotNode):
 
     # ---- executor thread ----
     def _on_cmd_vel(self, msg: Twist) -> None:
-        self.controller.set_velocity_command(msg.linear.x, msg.linear.y, msg.angular.z)
+        wanted = (msg.linear.x, msg.linear.y, msg.angular.z)
+        applied = self.controller.set_velocity_command(*wanted)
+        if applied is None:
+            self.get_logger().warning(f"cmd_vel {list(wanted)} ignored: not finite; the command stays "
+                                      f"{self.controller.velocity_command.tolist()}", throttle_duration_sec=5.0)
+        elif applied.tolist() != list(wanted):
+            low, high = self.controller.command_range
+            self.get_logger().warning(
+                f"cmd_vel {list(wanted)} clamped to {applied.tolist()}: the policy was trained on "
+                + ", ".join(f"{k} [{lo:g}, {hi:g}]" for k, lo, hi in zip(("vx", "vy", "yaw_rate"), low, high)),
+                throttle_duration_sec=5.0)
 
     def _known_frame(self, msg, topic: str) -> bool:
         frame = msg.header.frame_id
