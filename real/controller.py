@@ -67,6 +67,10 @@ class Controller:
         self.command_range = None if trained is None else np.array(
             [trained["vx"], trained["vy"], trained["yaw_rate"]], dtype=np.float64).T   # rows: low, high
         self._command = np.zeros(3)   # until the first command: standing is what "no command" means
+        # The table area the policy was trained to place on (arm_place's target x, y): a goal
+        # outside it is refused rather than moved, since the object would end up elsewhere.
+        area = m["task"].get("config", {}).get("target")
+        self.goal_area = None if area is None else np.array([area["x"], area["y"]], dtype=np.float64).T
         self._command_lock = threading.Lock()
         self.phase = 0.0
         self.last_action = np.zeros(n)
@@ -104,11 +108,21 @@ class Controller:
         with self._command_lock:
             self._object = pose
 
-    def set_goal_position(self, pos) -> None:
-        """Where the object should go, robot base frame (arm_place's target spot)."""
+    def set_goal_position(self, pos) -> str | None:
+        """Where the object should go, robot base frame (arm_place's target spot). Returns why it
+        was refused (the previous goal stays), or None: not finite, or outside the table area the
+        policy was trained to place on."""
         goal = np.asarray(pos, dtype=np.float64).reshape(3)
+        if not np.isfinite(goal).all():
+            return f"goal {goal.tolist()} is not finite"
+        area = self.goal_area
+        if area is not None and not ((area[0] <= goal[:2]) & (goal[:2] <= area[1])).all():
+            (x0, y0), (x1, y1) = area
+            return (f"goal ({goal[0]:.3f}, {goal[1]:.3f}) is outside the area the policy was trained to place on: "
+                    f"x [{x0:g}, {x1:g}], y [{y0:g}, {y1:g}] m")
         with self._command_lock:
             self._goal = goal
+        return None
 
     @property
     def object_position(self) -> np.ndarray | None:

@@ -168,13 +168,30 @@ def test_start_waits_for_perception_and_the_goal():
     ctl = Controller(artifact, spec, TwinHardware(spec), clock=lambda: clock["t"], ramp_s=0.04)
     for says, then in (("no object pose received yet", lambda: ctl.set_object_pose([0.5, 0, 0.025], [1, 0, 0, 0])),
                        ("no goal position given yet", lambda: clock.update(t=1.0)),
-                       ("object pose is 1000 ms old", lambda: ctl.set_goal_position([0.4, 0.2, 0.0]))):
+                       ("object pose is 1000 ms old", lambda: ctl.set_goal_position([0.5, 0.15, 0.0]))):
         with pytest.raises(TransitionError, match=says):
             ctl.start()
         then()
     ctl.set_object_pose([0.5, 0, 0.025], [1, 0, 0, 0])
     ctl.start()
     assert ctl.mode is Mode.RAMP
+
+
+def test_a_goal_outside_the_trained_area_is_refused_and_the_last_one_stays():
+    """The shipped arm_place learned to place on x [0.45, 0.55] m, y [0.12, 0.18] m of the table:
+    a goal beyond that is refused by name (moving it would put the object where nobody asked), as
+    is a NaN."""
+    artifact = load_artifact(ARTIFACTS / "arm_place_resfit.pt")
+    area = artifact.manifest["task"]["config"]["target"]
+    ctl = Controller(artifact, ARM, TwinHardware(ARM))
+    assert ctl.set_goal_position([0.5, 0.15, 0.0]) is None
+    assert ctl.set_goal_position([0.9, 0.0, 0.0]) == (
+        f"goal (0.900, 0.000) is outside the area the policy was trained to place on: "
+        f"x [{area['x'][0]:g}, {area['x'][1]:g}], y [{area['y'][0]:g}, {area['y'][1]:g}] m")
+    assert ctl.set_goal_position([0.5, float("nan"), 0.0]) == "goal [0.5, nan, 0.0] is not finite"
+    assert ctl.goal_position.tolist() == [0.5, 0.15, 0.0]
+    lift = Controller(load_artifact(ARTIFACTS / "arm_lift_resfit.pt"), ARM, TwinHardware(ARM))
+    assert lift.goal_area is None and lift.set_goal_position([0.9, 0.0, 0.0]) is None   # it has no goal to learn
 
 
 def test_what_the_robot_cannot_observe_is_refused_at_construction():

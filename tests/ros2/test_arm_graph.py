@@ -198,14 +198,19 @@ def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp
     wait_for(lambda: camera.publish(msg) or "object_pose in frame 'camera' dropped" in hil.output(), 10.0,
              "the policy to drop a pose in the camera frame", hil.output)
     assert f"needs the robot's base frame '{ARM.base_body}'" in hil.output()
-    moved = operate("goal=[0.4,0.1,0]", "robot=arm7")   # the operator moves the goal
-    assert moved.returncode == 0 and f"goal [0.4, 0.1, 0.0] sent in frame '{ARM.base_body}'" in moved.stdout, moved
-    wait_for(lambda: "goal: (0.400, 0.100, 0.000) m" in hil.output(), 10.0, "the policy to take the new goal",
+    moved = operate("goal=[0.45,0.15,0]", "robot=arm7")   # the operator moves the goal
+    assert moved.returncode == 0 and f"goal [0.45, 0.15, 0.0] sent in frame '{ARM.base_body}'" in moved.stdout, moved
+    wait_for(lambda: "goal: (0.450, 0.150, 0.000) m" in hil.output(), 10.0, "the policy to take the new goal",
              hil.output)
+    assert operate("goal=[0.9,0,0]", "robot=arm7").returncode == 0   # beyond where it learned to place
+    wait_for(lambda: "goal (0.900, 0.000) is outside the area the policy was trained to place on: x [0.45, 0.55], "
+             "y [0.12, 0.18] m; the goal stays [0.45, 0.15, 0.0]" in hil.output(), 10.0,
+             "the policy to refuse the goal", hil.output)
+    assert hil.policy() == "RUNNING", hil.policy("fault")
     for graph, _ in hil.graphs:
         graph.stop()
-    summary = report(recording, tmp_path / "report")   # both latched goals were recorded
-    assert summary["messages"]["/goal"] == 2 and 0 <= summary["object_goal_distance_m"] < 1.0
+    summary = report(recording, tmp_path / "report")   # the three latched goals were recorded
+    assert summary["messages"]["/goal"] == 3 and 0 <= summary["object_goal_distance_m"] < 1.0
 
 
 def test_pose_messages_carry_ros_quaternion_order():

@@ -15,7 +15,8 @@ Topics (relative names: a namespace or a remap moves them together; each node al
 | goal                  | geometry_msgs/PointStamped | operator -> policy   | where the object should go, base frame   |
 
 firmware_mode and goal are latched (LATCHED_QOS): a late joiner gets the last one. The policy
-holds cmd_vel within the range its artifact was trained on, and ignores a non-finite one.
+holds cmd_vel within the range its artifact was trained on, refuses a goal outside the table area
+it was trained to place on, and ignores a non-finite value of either.
 
 object_pose and goal matter only to tabletop policies (their observation has cube_pos, target_pos,
 ...); their header.frame_id must be the robot's base frame or a frame the policy node's

@@ -181,8 +181,13 @@ class PolicyNode(RobotNode):
         if self._known_frame(msg, "goal"):
             p = msg.point
             goal, _ = self.frames.to_base(msg.header.frame_id, (p.x, p.y, p.z))
-            self.controller.set_goal_position(goal)
-            self.get_logger().info(f"goal: ({goal[0]:.3f}, {goal[1]:.3f}, {goal[2]:.3f}) m in '{self.frames.base}'")
+            refused = self.controller.set_goal_position(goal)
+            if refused:
+                kept = self.controller.goal_position
+                self.get_logger().warning(f"{refused}; the goal stays "
+                                          + ("unset" if kept is None else str([round(v, 3) for v in kept.tolist()])))
+            else:
+                self.get_logger().info(f"goal: ({goal[0]:.3f}, {goal[1]:.3f}, {goal[2]:.3f}) m in '{self.frames.base}'")
 
     def _start(self) -> None:
         s = self.controller.last_state
