@@ -109,9 +109,9 @@ class Controller:
             self._object = pose
 
     def set_goal_position(self, pos) -> str | None:
-        """Where the object should go, robot base frame (arm_place's target spot). Returns why it
-        was refused (the previous goal stays), or None: not finite, or outside the table area the
-        policy was trained to place on."""
+        """Where the object should go, robot base frame (arm_place's target spot). Returns None
+        when it is taken, or why it was refused (not finite, or outside the table area the policy
+        was trained to place on), in which case the previous goal stays."""
         goal = np.asarray(pos, dtype=np.float64).reshape(3)
         if not np.isfinite(goal).all():
             return f"goal {goal.tolist()} is not finite"
