@@ -187,7 +187,9 @@ def test_place_policy_gets_its_goal_and_refuses_a_pose_in_another_frame(hil, tmp
     policy logs it and runs; `robotrl operate goal=…` moves it. A pose in a frame other than the
     base's is dropped, named in a warning."""
     recording = tmp_path / "place.mcap"
-    arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2, record=recording)
+    # Recording every topic and two `operate` processes: as in the operate test above, 500 ms of
+    # state age (CI saw 253 ms against TIMING's 250 while an operate process started).
+    arm_graph(hil, ARTIFACTS / "arm_place_resfit.pt", tmp_path, world_seed=2, record=recording, max_state_age=0.5)
     hil.start()
     hil.expect_policy("RUNNING", timeout=5.0)
     time.sleep(1.0)
