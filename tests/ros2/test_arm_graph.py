@@ -43,6 +43,13 @@ class CubeWatch:
         with self.lock:
             return np.array([z for t, z in self.heights if t >= t0])
 
+    def what_happened(self, hil, t0: float, lifted: float, output) -> str:
+        """For a failed lift (its first line is what CI's rerun summary keeps): how far the cube
+        got, the policy's safety state and loop, then the graph's output."""
+        z, status = self.since(t0), hil.ros.status
+        return (f"cube: {len(z)} poses, highest {z.max() if len(z) else float('nan'):.3f} m of {lifted:.3f}; "
+                f"policy: {status.get('policy: safety')}; loop: {status.get('policy: control loop')}\n" + output())
+
 
 def arm_graph(hil, artifact, tmp_path, **args):
     """launch/sim.launch.yaml for arm7, started and settled: state has been flowing to the policy
@@ -87,7 +94,8 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     def held() -> bool:   # lifted in every pose of the last hold_s (at least two poses)
         z, n = watch.since(t0), max(2, round(cfg.hold_s * 30))
         return len(z) >= n and bool((z[-n:] >= lifted).all())
-    wait_for(held, cfg.episode_s + 2.0, f"the cube to be lifted by {cfg.lift_height} m", hil.output)
+    wait_for(held, cfg.episode_s + 2.0, f"the cube to be lifted by {cfg.lift_height} m",
+             lambda: watch.what_happened(hil, t0, lifted, hil.output))
     assert hil.policy() == "RUNNING"
     assert len(watch.since(t0)) > 0.5 * 30 * (time.monotonic() - t0), "object_pose arrives at its rate"
     for graph, _ in hil.graphs:
@@ -113,11 +121,8 @@ def test_operate_the_arm_from_the_command_line(hil, tmp_path):
         wait_for(lambda: "[deploy] start: start: mode RAMP" in out.read_text(), 60.0, "deploy --start", out.read_text)
         t0, lifted = time.monotonic(), cfg.cube.size / 2 + cfg.lift_height
 
-        def what_happened() -> str:   # for a failure: how far the cube got, and the policy's loop
-            z, status = watch.since(t0), hil.ros.status
-            return (f"cube: {len(z)} poses, highest {z.max() if len(z) else float('nan'):.3f} m of {lifted:.3f}; "
-                    f"policy: {status.get('policy: safety')}; loop: {status.get('policy: control loop')}\n"
-                    + out.read_text())
+        def what_happened() -> str:
+            return watch.what_happened(hil, t0, lifted, out.read_text)
         # --start starts the policy while the graph's five processes may still be loading on two
         # cores, so the wait is two episodes. CI still saw a miss at 7 s and, with this wait, one at
         # 11 s in ~25 runs: what_happened then showed the policy damped for an object pose 206 ms old
