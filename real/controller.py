@@ -63,13 +63,14 @@ class Controller:
         n = spec.n_joints
         # The velocity commands the policy was trained on, [low, high] per vx, vy, yaw rate: outside
         # them what it does is unknown (a teleop's 1 m/s to a walker trained up to 0.4 m/s).
-        trained = m["task"].get("config", {}).get("command")
+        task = m["task"].get("config", {})   # the training config of the task, as the manifest carries it
+        trained = task.get("command")
         self.command_range = None if trained is None else np.array(
             [trained["vx"], trained["vy"], trained["yaw_rate"]], dtype=np.float64).T   # rows: low, high
         self._command = np.zeros(3)   # until the first command: standing is what "no command" means
         # The table area the policy was trained to place on (arm_place's target x, y): a goal
         # outside it is refused rather than moved, since the object would end up elsewhere.
-        area = m["task"].get("config", {}).get("target")
+        area = task.get("target")
         self.goal_area = None if area is None else np.array([area["x"], area["y"]], dtype=np.float64).T
         self._command_lock = threading.Lock()
         self.phase = 0.0

@@ -279,8 +279,7 @@ def main(argv: list[str]) -> None:
     opts = {f"--{k.replace('_', '-')}": v for k, v in vars(a).items()}
     seconds, calls = number_option(opts, "--seconds", 0.1, integer=False), number_option(opts, "--calls", 100)
     num_envs, ppo_steps = number_option(opts, "--num-envs", 2), number_option(opts, "--ppo-steps", 1)
-    if a.json:
-        output_place(a.json, "--json")
+    output_place(a.json, "--json")
     if a.what == "sim":
         res = bench_sim(seconds, num_envs, ppo_steps)
     elif a.what == "infer":

@@ -181,8 +181,7 @@ def cmd_export(args: list[str]) -> Path:
     opts, _ = parse_pairs(args, {"run": None, "out": None, "format": None})
     if not opts["run"]:
         raise UsageError("export needs run=<run dir or checkpoint>")
-    if opts["out"]:
-        output_place(opts["out"], "out")
+    output_place(opts["out"], "out")
     return export_run(opts["run"], opts["out"], opts["format"])
 
 
@@ -193,8 +192,7 @@ def cmd_eval(args: list[str]) -> dict:
     if not opts["artifact"]:
         raise UsageError("eval needs artifact=<file>")
     for key in ("out", "video"):
-        if opts[key]:
-            output_place(opts[key], key)
+        output_place(opts[key], key)
     return evaluate_artifact(opts["artifact"], episodes=number_option(opts, "episodes", 1), out=opts["out"],
                              seed=number_option(opts, "seed"),
                              command=numbers(opts, "command", 3) if opts["command"] else None, overrides=overrides,
@@ -231,8 +229,7 @@ def cmd_demos(args: list[str]) -> Path:
     from robotrl.datasets import demos_command
     opts, overrides = parse_pairs(args, {"task": "arm_lift", "n": "50", "noise": "0.0", "failures": "0", "seed": "0",
                                          "out": None, "num_envs": "4"})
-    if opts["out"]:
-        output_place(opts["out"], "out")
+    output_place(opts["out"], "out")
     return demos_command(opts["task"], n=number_option(opts, "n", 1), noise=number_option(opts, "noise", integer=False),
                          failures=number_option(opts, "failures"), seed=number_option(opts, "seed"), out=opts["out"],
                          num_envs=number_option(opts, "num_envs", 1), overrides=overrides)
@@ -242,8 +239,7 @@ def cmd_report(args: list[str]) -> dict:
     if args and "=" not in args[0]:   # robotrl report <recording.mcap> [out=<dir>]: a ROS 2 recording
         from robotrl.report import report as report_recording
         opts, _ = parse_pairs(args[1:], {"out": None})
-        if opts["out"]:
-            output_place(opts["out"], "out", folder=True)
+        output_place(opts["out"], "out", folder=True)
         return report_recording(args[0], opts["out"])
     from robotrl.report_resfit import report
     opts, _ = parse_pairs(args, {"runs": None, "out": "runs/report", "title": ""})

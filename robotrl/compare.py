@@ -228,8 +228,6 @@ def _spread(rows: list[dict], key: str) -> list[list[float]] | None:
     return [[r[key] - r[f"{key}_range"][0] for r in rows], [r[f"{key}_range"][1] - r[key] for r in rows]]
 
 
-
-
 def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10, seed: int = 0, eval_envs: int = 10,
             command: list[float] | None = None, train: bool = False, methods: list[str] | None = None,
             budgets: list[str] | None = None, steps: int = 1_000_000, num_envs: int | None = None,

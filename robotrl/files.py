@@ -38,10 +38,12 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def output_place(path: str | Path, key: str, folder: bool = False) -> Path:
+def output_place(path: str | Path | None, key: str, folder: bool = False) -> Path | None:
     """`key=path`, a file (or a folder) a command will write, checked before the command's work
     starts, so that an hour of training or evaluation does not end in an error about where its
-    results go. Nothing is created here."""
+    results go. Nothing is created here; an option not given (None, "") passes as None."""
+    if not path:
+        return None
     path = Path(path)
     where = path if folder else path.parent
     existing = next(p for p in (where, *where.absolute().parents) if p.exists())

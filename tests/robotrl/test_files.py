@@ -38,3 +38,4 @@ def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_pat
         output_place(tmp_path, "out")
     assert output_place(tmp_path / "new" / "deep" / "x.json", "out") == tmp_path / "new" / "deep" / "x.json"
     assert not (tmp_path / "new").exists()   # checked, not created
+    assert output_place(None, "out") is None and output_place("", "out", folder=True) is None   # not given

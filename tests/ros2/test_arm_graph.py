@@ -120,9 +120,7 @@ def test_operate_the_arm_from_the_command_line(hil, tmp_path):
     try:
         wait_for(lambda: "[deploy] start: start: mode RAMP" in out.read_text(), 60.0, "deploy --start", out.read_text)
         t0, lifted = time.monotonic(), cfg.cube.size / 2 + cfg.lift_height
-
-        def what_happened() -> str:
-            return watch.what_happened(hil, t0, lifted, out.read_text)
+        what_happened = lambda: watch.what_happened(hil, t0, lifted, out.read_text)  # noqa: E731
         # --start starts the policy while the graph's five processes may still be loading on two
         # cores, so the wait is two episodes. CI still saw a miss at 7 s and, with this wait, one at
         # 11 s in ~25 runs: what_happened then showed the policy damped for an object pose 206 ms old
