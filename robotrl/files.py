@@ -1,41 +1,13 @@
-"""Writing files so that nothing is lost: every file robotrl writes whole goes through `atomic_write`."""
+"""Where robotrl writes: output places checked before the work, figures written whole. The atomic
+writer itself is `real.files.atomic_write` (re-exported here), shared with the robot side."""
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from real.files import atomic_write, write_text
 
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """A temporary file beside `path` to write; when the block ends without an error it is synced
-    and renamed onto `path`, so a reader (or a crash) sees the old file or the new one, never half
-    of one. On an error nothing is written and no temporary file is left. The temporary name ends
-    in the target's suffix, for writers that pick a format by it (imageio, numpy's savez)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp" + path.suffix)
-    except OSError as e:   # say which file could not be written, not the temporary's random name
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror})") from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; what robotrl writes is meant to be copied and read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
+__all__ = ["atomic_write", "write_text", "output_place", "save_figure"]
 
 
 def output_place(path: str | Path | None, key: str, folder: bool = False) -> Path | None:

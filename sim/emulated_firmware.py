@@ -41,6 +41,7 @@ import numpy as np
 from firmware_bridge import (CommandMsg, Mode, ModeRequestMsg, ProtocolVersionError, SequenceTracker,
                              StateMsg, UdpTransport, encode)
 from firmware_bridge.protocol import SEQ_MASK
+from real.files import save_arrays
 from real.robot_spec import RobotSpec, load_robot
 from sim.twin import add_floor, apply_joint_equalities, joint_indices, robot_spec_editable, set_pd_gains
 
@@ -252,10 +253,10 @@ class SimulatedFirmware:
         return list(self._log)
 
     def save_log(self, path: str) -> None:
-        """The applied-command log as .npz arrays: t, seq, q_target, kp, kd, tau_ff."""
+        """The applied-command log as .npz arrays (t, seq, q_target, kp, kd, tau_ff), written whole."""
         log = self.applied_commands()
-        np.savez(path, joint_names=np.array(self.spec.joint_names),
-                 **{f: np.array([getattr(c, f) for c in log]) for f in AppliedCommand._fields})
+        save_arrays(path, joint_names=np.array(self.spec.joint_names),
+                    **{f: np.array([getattr(c, f) for c in log]) for f in AppliedCommand._fields})
 
 
 class EmulatedFirmware:

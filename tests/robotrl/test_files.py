@@ -1,30 +1,7 @@
-"""Nothing is lost: a write that fails leaves the old file and no temporary beside it."""
-import numpy as np
+"""Output places are checked before any work, and nothing is created by the check."""
 import pytest
 
-from robotrl.files import atomic_write, output_place, write_text
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
-    target = tmp_path / "eval.json"
-    write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as tmp:
-            tmp.write_text("half of the new")
-            raise RuntimeError("the writer died")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
-    write_text(target, "new")
-    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
-    assert target.stat().st_mode & 0o777 == 0o644   # readable by others, like any output
-
-
-def test_the_temporary_keeps_the_suffix_writers_choose_a_format_by(tmp_path):
-    target = tmp_path / "sub" / "demos.npz"   # numpy's savez appends .npz to a name without it
-    with atomic_write(target) as tmp:
-        np.savez(tmp, x=np.arange(3))
-    assert list(target.parent.iterdir()) == [target]
-    np.testing.assert_array_equal(np.load(target)["x"], np.arange(3))
+from robotrl.files import output_place
 
 
 def test_an_output_place_that_cannot_be_written_is_named_before_any_work(tmp_path):

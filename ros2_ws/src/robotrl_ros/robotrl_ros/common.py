@@ -16,6 +16,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from firmware_bridge import ProtocolVersionError
+from real.files import save_arrays
 from real.hardware import HardwareError
 from real.robot_spec import SpecError
 from real.rt_loop import freeze_heap
@@ -37,7 +38,7 @@ def save_trace(name: str, rows: list, columns: tuple[str, ...]) -> None:
     """Write the trace rows (tuples of int64) to $ROBOTRL_LATENCY_TRACE/<name>.npz, one array per column."""
     import numpy as np
     data = np.array(rows, dtype=np.int64).reshape(-1, len(columns))
-    np.savez(os.path.join(trace_dir(), f"{name}.npz"), **{c: data[:, i] for i, c in enumerate(columns)})
+    save_arrays(os.path.join(trace_dir(), f"{name}.npz"), **{c: data[:, i] for i, c in enumerate(columns)})
 
 
 class ConfigError(ValueError):
