@@ -101,6 +101,18 @@ def evaluate(task_cfg, act, reset, episodes: int, num_envs: int, seed: int, reco
             "parity_obs": np.array(rec_obs, dtype=np.float32), "parity_starts": np.array(rec_starts, dtype=bool)}
 
 
+def evaluate_residual(cfg: DictConfig, task_cfg, eval_base, actor, step: int, record: bool = False) -> dict:
+    """A residual run's evaluation at env step `step`: base + residual `actor`, deterministic,
+    `algo.eval_episodes` episodes from seed + 10 000 (apart from training's seeds), printed when
+    `progress`; `record` keeps env 0's first episodes as the export's parity data."""
+    a = cfg.algo
+    ev = evaluate(task_cfg, base_act_fn(eval_base, actor, task_cfg.action_clip), eval_base.reset, a.eval_episodes,
+                  a.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
+    if cfg.progress:
+        print(f"  env step {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
+    return ev
+
+
 def base_act_fn(base, actor=None, clip: float = 1.0):
     """The training-time deterministic policy: base chunk queue (+ residual) -> env actions."""
     @torch.no_grad()
@@ -390,15 +402,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
           f"{demo_rb.size if demo_rb else 0} transitions from {demos.num_episodes if demos else 0} episodes; "
           f"{c.env_steps} env steps, UTD {c.utd}, {c.num_q} Q heads")
 
-    def run_eval(step: int, record: bool = False) -> dict:
-        ev = evaluate(task_cfg, base_act_fn(eval_base, learner.actor, clip), eval_base.reset, c.eval_episodes,
-                      c.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
-        if cfg.progress:
-            print(f"  env step {step}: eval success {ev['success_rate']:.2f} "
-                  f"(episode length {ev['episode_length']:.0f})")
-        return ev
-
-    ev0 = ckpt["eval0"] if ckpt is not None else run_eval(0)
+    ev0 = ckpt["eval0"] if ckpt is not None else evaluate_residual(cfg, task_cfg, eval_base, learner.actor, 0)
     if ckpt is None:
         logger.log(0, {"eval/success_rate": ev0["success_rate"], "eval/episode_length": ev0["episode_length"]})
     t0, next_log, next_eval = time.perf_counter(), start + c.log_every, start + c.eval_every
@@ -409,7 +413,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         row = {}
         if env_steps >= next_eval or env_steps >= c.env_steps:
             next_eval += c.eval_every
-            ev = run_eval(env_steps, record=env_steps >= c.env_steps)
+            ev = evaluate_residual(cfg, task_cfg, eval_base, learner.actor, env_steps, record=env_steps >= c.env_steps)
             row.update({"eval/success_rate": ev["success_rate"], "eval/episode_length": ev["episode_length"]})
             save_checkpoint({"algo": c.name,
                              "model": {"base": unwrap(base).state_dict(), "learner": learner.state_dict()},

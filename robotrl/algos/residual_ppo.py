@@ -82,8 +82,8 @@ def deploy_parts(ckpt: dict, task):
 def train_residual_ppo(cfg: DictConfig) -> Path:
     from robotrl.checkpoint import save_atomic
     from robotrl.logging import MetricsLogger
-    from robotrl.offpolicy import (PARITY_EPISODES, RESFIT_KEYS, Rows, _finish, _setup, _task_cfg, _video_policy,
-                                   algo_config, base_act_fn, evaluate, load_base, unwrap)
+    from robotrl.offpolicy import (RESFIT_KEYS, Rows, _finish, _setup, _task_cfg, _video_policy, algo_config,
+                                   evaluate_residual, load_base, unwrap)
     from sim.envs import TaskVectorEnv
     c = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
     if not c.base:
@@ -103,15 +103,7 @@ def train_residual_ppo(cfg: DictConfig) -> Path:
     def residual() -> PPOResidual:
         return PPOResidual(ppo.model, c.action_scale).eval()
 
-    def run_eval(step: int, record: bool = False) -> dict:
-        ev = evaluate(task_cfg, base_act_fn(eval_base, residual(), clip), eval_base.reset, c.eval_episodes,
-                      c.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
-        if cfg.progress:
-            print(f"  env step {step}: eval success {ev['success_rate']:.2f} "
-                  f"(episode length {ev['episode_length']:.0f})")
-        return ev
-
-    ev0 = ev = run_eval(0)
+    ev0 = ev = evaluate_residual(cfg, task_cfg, eval_base, residual(), 0)
     logger.log(0, {"eval/success_rate": ev0["success_rate"], "eval/episode_length": ev0["episode_length"]})
     obs, info = env.reset(seed=cfg.seed)
     critic = info["critic_obs"]
@@ -149,7 +141,7 @@ def train_residual_ppo(cfg: DictConfig) -> Path:
                **stats}
         if env_steps >= next_eval or env_steps >= c.env_steps:
             next_eval += c.eval_every
-            ev = run_eval(env_steps, record=env_steps >= c.env_steps)
+            ev = evaluate_residual(cfg, task_cfg, eval_base, residual(), env_steps, record=env_steps >= c.env_steps)
             row.update({"eval/success_rate": ev["success_rate"], "eval/episode_length": ev["episode_length"]})
             save_atomic({"algo": "resppo", "model": {"base": unwrap(base).state_dict(), "ppo": ppo.model.state_dict()},
                          "env_steps": env_steps, "config": OmegaConf.to_container(cfg, resolve=True),
