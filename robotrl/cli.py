@@ -146,9 +146,11 @@ def cmd_train(args: list[str]) -> Path:
     from real.robot_spec import available_robots
     from robotrl.offpolicy import is_offpolicy
     resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    ckpt = None
     if resume:   # the run's own algo decides which runner goes on with it
         from robotrl.checkpoint import load_checkpoint
-        saved = load_checkpoint(resume)["config"]
+        ckpt = load_checkpoint(resume)
+        saved = ckpt["config"]
         if is_offpolicy(saved["algo"]["name"]):
             from robotrl.offpolicy import resume as resume_offpolicy
             rest = [a for a in args if not a.startswith(("resume=", "algo.env_steps="))]
@@ -156,7 +158,7 @@ def cmd_train(args: list[str]) -> Path:
                 raise UsageError(f"resume= of an off-policy run takes only algo.env_steps=N besides; got {rest}")
             given = dict(a.split("=", 1) for a in args if a.startswith("algo.env_steps="))
             env_steps = number_option(given, "algo.env_steps", 1) if given else None
-            return resume_offpolicy(resume, env_steps)
+            return resume_offpolicy(resume, env_steps, ckpt)
         # The run goes on with its own config: an override beside resume= would be silently lost,
         # and the run keeps its own length unless total_steps= extends it.
         rest = [a for a in args if not a.startswith(("resume=", "total_steps="))]
@@ -173,7 +175,7 @@ def cmd_train(args: list[str]) -> Path:
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
         from robotrl.offpolicy import train as train_offpolicy
         return train_offpolicy(cfg)
-    return train(cfg)
+    return train(cfg, ckpt)
 
 
 def cmd_export(args: list[str]) -> Path:

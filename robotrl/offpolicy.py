@@ -342,11 +342,12 @@ def unwrap(base):
 RESUMABLE = ("resfit", "rlpd")
 
 
-def resume(run: str | Path, env_steps: int | None = None) -> Path:
+def resume(run: str | Path, env_steps: int | None = None, ckpt: dict | None = None) -> Path:
     """Go on with a resfit / rlpd run from its last checkpoint (written at every evaluation:
     learner, optimisers, targets, the online replay and the counters), in the folder it is in now,
-    to its own algo.env_steps or to `env_steps`. Episodes in progress when it stopped start over."""
-    ckpt = load_checkpoint(run)
+    to its own algo.env_steps or to `env_steps`. Episodes in progress when it stopped start over.
+    `ckpt`: that checkpoint, when the caller has read it already."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(run)
     algo = ckpt["config"]["algo"]["name"]
     if algo not in RESUMABLE:
         raise ValueError(f"resume is not supported for algo={algo} runs; it is for {', '.join(RESUMABLE)}")

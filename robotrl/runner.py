@@ -44,13 +44,13 @@ def build(cfg: DictConfig, num_envs: int | None = None):
     return env, algo
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
+    """Train by `cfg`; with `resume=`, go on from that checkpoint (`ckpt`, when the caller has read it)."""
     torch.set_num_threads(1)  # the physics threads use the other core; small nets are faster this way
     run_dir = Path(cfg.run_dir)
     resume = cfg.resume
-    ckpt = None
     if resume:
-        ckpt = load_checkpoint(resume)
+        ckpt = ckpt if ckpt is not None else load_checkpoint(resume)
         saved = OmegaConf.create(ckpt["config"])
         saved.total_steps = cfg.total_steps   # the run's own, or more to extend it (robotrl.cli)
         # The run continues where its checkpoint is now (a run folder may have been moved or copied).
