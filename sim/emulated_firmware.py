@@ -192,6 +192,8 @@ class SimulatedFirmware:
             self._passive()
         mujoco.mj_step(self.model, self.data)
         self.steps += 1
+        tau = self.data.actuator_force[self._aids]   # first-order winding temperature, heated by tau²
+        self.temperature += self.dt / THERMAL_TAU_S * (AMBIENT_C + HEAT_C_PER_NM2 * tau**2 - self.temperature)
         if self._gantry is not None:
             if self.mode == Mode.RUNNING and self.time - self._running_since >= self.config.gantry_s:
                 self._gantry = None   # lowered: the robot stands on its own from here
@@ -201,8 +203,6 @@ class SimulatedFirmware:
     @property
     def on_gantry(self) -> bool:
         return self._gantry is not None
-        tau = self.data.actuator_force[self._aids]
-        self.temperature += self.dt / THERMAL_TAU_S * (AMBIENT_C + HEAT_C_PER_NM2 * tau**2 - self.temperature)
 
     def _output(self, q_target, kp, kd, tau_ff) -> None:
         # Position actuator force = kp*ctrl + bias0 - kp*q - kd*dq; bias0 carries the

@@ -84,6 +84,29 @@ def test_feed_forward_is_clipped_at_the_torque_limit(rig):
     np.testing.assert_array_equal(fw.applied_commands()[-1].tau_ff, 50.0)  # logged as sent, in the joints' frame
 
 
+def test_motors_warm_up_under_torque_and_cool_when_passive():
+    """The winding temperature follows dT/dt = (ambient + 0.5·tau² - T) / 60 s: 1 s at the torque
+    limit warms a motor by ~0.5 °C (to 62 °C in the long run at 8 Nm); passive, it cools back."""
+    from sim.emulated_firmware import AMBIENT_C, HEAT_C_PER_NM2, THERMAL_TAU_S
+    fw = SimulatedFirmware(SPEC)
+    fw.request_mode(Mode.RUNNING)
+    push = np.where(np.arange(N) == 3, 50.0, 0.0)   # the left knee pushed at its limit, the others limp
+    cmd = CommandMsg(SPEC.q_default.astype(np.float32), np.zeros(N, np.float32), np.zeros(N, np.float32),
+                     push.astype(np.float32))
+    steps = int(1.0 / fw.dt)
+    for i in range(steps):
+        fw.handle_command(cmd, seq=i + 1)   # every physics step, so the watchdog never fires
+        fw.step()
+    expected = 1.0 / THERMAL_TAU_S * HEAT_C_PER_NM2 * SPEC.tau_max[3] ** 2
+    assert fw.temperature[3] - AMBIENT_C == pytest.approx(expected, rel=0.05)
+    assert np.all(np.delete(fw.temperature, 3) - AMBIENT_C < 0.05 * expected)
+    fw.request_mode(Mode.DAMPING)
+    warm = fw.temperature[3]
+    for _ in range(steps):
+        fw.step()
+    assert AMBIENT_C < fw.temperature[3] < warm   # passive (damping torques are small): cooling toward ambient
+
+
 def test_frames_carry_the_motors_frame_and_the_twin_the_joints():
     """kid_biped's right-leg pitch motors turn against their joints (its YAML): on the wire their
     angles, velocities, torques and targets are negated; the twin and the log are in joint angles."""
