@@ -101,13 +101,18 @@ class Controller:
         with self._command_lock:
             return self._command.copy()
 
-    def set_object_pose(self, pos, quat_wxyz, stamp_s: float | None = None) -> None:
+    def set_object_pose(self, pos, quat_wxyz, stamp_s: float | None = None) -> str | None:
         """The manipulated object's pose in the robot base frame (perception); stamp_s on this
-        controller's clock, default now."""
+        controller's clock, default now. Returns None when it is taken, or why not (a value that
+        is not finite: one bad detection must not reach the policy), and the previous pose stays,
+        growing old: perception that sends nothing usable for max_object_age damps the arm."""
         pose = (np.asarray(pos, dtype=np.float64).reshape(3), np.asarray(quat_wxyz, dtype=np.float64).reshape(4),
                 self.clock() if stamp_s is None else float(stamp_s))
+        if not (np.isfinite(pose[0]).all() and np.isfinite(pose[1]).all() and np.isfinite(pose[2])):
+            return f"object pose {pose[0].tolist()} {pose[1].tolist()} at {pose[2]} is not finite"
         with self._command_lock:
             self._object = pose
+        return None
 
     def set_goal_position(self, pos) -> str | None:
         """Where the object should go, robot base frame (arm_place's target spot). Returns None
@@ -151,10 +156,15 @@ class Controller:
         return None
 
     def start(self) -> None:
-        """IDLE -> RAMP. A tabletop policy without a fresh object pose or its goal is refused
-        (TransitionError saying which) rather than ramped into damping."""
-        if self.machine.mode is Mode.IDLE and (missing := self.missing_input()):
-            raise TransitionError(missing)
+        """IDLE -> RAMP. Refused (TransitionError saying why) when the firmware's last state says
+        it is in ESTOP (latched on the motor side: the ramp would drive a passive robot), and for a
+        tabletop policy without a fresh object pose or its goal, rather than ramped into damping."""
+        if self.machine.mode is Mode.IDLE:
+            s = self.last_state
+            if s is not None and s.firmware_mode == FirmwareMode.ESTOP:
+                raise TransitionError("the firmware is in ESTOP (latched until the firmware restarts)")
+            if missing := self.missing_input():
+                raise TransitionError(missing)
         self.machine.start()
 
     def damp(self, reason: str = "damp command") -> None:
@@ -246,8 +256,8 @@ class Controller:
         if "object" in self.inputs:
             age = self.clock() - obj[2]   # start() required a pose, and it is never unset
             if not age <= self.max_object_age:   # (a NaN stamp too)
-                self.machine.damp(f"object pose stale: age {age * 1e3:.0f} ms > {self.max_object_age * 1e3:.0f} ms "
-                                  "(set_object_pose)")
+                self.machine.stop_if_active(f"object pose stale: age {age * 1e3:.0f} ms > "
+                                            f"{self.max_object_age * 1e3:.0f} ms (set_object_pose)")
                 return None
             out["object_pos"], out["object_quat"] = obj[0], obj[1]
         if "goal" in self.inputs:
@@ -256,11 +266,12 @@ class Controller:
 
     def _follow_firmware(self, s) -> None:
         """The firmware is the last authority: if it dropped out of RUNNING on its own (its
-        watchdog, a local e-stop), the controller stops too instead of pushing it back."""
+        watchdog, a local e-stop, a restart into IDLE), the controller stops too instead of
+        pushing it back into RUNNING without a ramp."""
         active = self.machine.mode in (Mode.RAMP, Mode.RUNNING)
         fw = None if s is None else FirmwareMode(s.firmware_mode)
-        if active and self._firmware_was_running and fw in (FirmwareMode.DAMPING, FirmwareMode.ESTOP):
-            self.machine.damp(f"firmware reports {fw.name}")
+        if active and self._firmware_was_running and fw is not FirmwareMode.RUNNING:
+            self.machine.stop_if_active(f"firmware reports {fw.name}")
             active = False
         if not active:
             self._firmware_was_running = False

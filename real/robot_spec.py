@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,9 @@ def load_robot(name_or_path: str | Path) -> RobotSpec:
 
 
 def _num(value, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{where}: '{key}' must be a number, got {value!r}")
+    # Finite: YAML's .nan and .inf are numbers too, and an infinite torque limit is no limit.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{where}: '{key}' must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -13,6 +13,9 @@ Every tick it turns desired joint position targets into the command actually sen
 
 Non-finite values, stale state, an over-speed joint or an explicit trip (e-stop) latch a fault:
 from then on only the damping command goes out (kp = 0, kd = damping gain) until reset().
+
+`CommandLimits` is the gate for commands that need not have come through a filter: the bridge
+and the (emulated) firmware drop and count any command outside the robot's limits.
 """
 from __future__ import annotations
 
@@ -37,6 +40,38 @@ class SafetyEvent(NamedTuple):
     reason: str   # human-readable, names the joint and the value
 
 
+class CommandLimits:
+    """The robot's limits as a gate for commands that need not have come through a SafetyFilter:
+    the bridge checks what arrives on its joint-command topic against it, and the (emulated)
+    firmware what arrives on the wire. A command passes if every value is finite, targets lie in
+    [lower, upper], gains between 0 and the robot config's kp and kd (the most a SafetyFilter
+    sends) and |tau_ff| <= torque; with a relative slack of 1e-6 for the wire's float32."""
+
+    FIELDS = ("q_target", "kp", "kd", "tau_ff")
+
+    def __init__(self, spec: RobotSpec):
+        self.spec = spec
+        zero = np.zeros(spec.n_joints)
+        self.lower = np.concatenate([spec.q_lower, zero, zero, -spec.tau_max])   # the four fields, end to end
+        self.upper = np.concatenate([spec.q_upper, spec.kp, spec.kd, spec.tau_max])
+        slack = 1e-6 * np.maximum(1.0, np.maximum(np.abs(self.lower), np.abs(self.upper)))
+        self._lo, self._hi = self.lower - slack, self.upper + slack
+
+    def violation(self, q_target, kp, kd, tau_ff) -> str | None:
+        """None for a command inside the limits, else what is wrong with it, naming the first joint."""
+        n = self.spec.n_joints
+        try:
+            v = np.concatenate([np.asarray(x, dtype=np.float64).reshape(n) for x in (q_target, kp, kd, tau_ff)])
+        except ValueError:
+            return f"a command needs {n} values of each of {', '.join(self.FIELDS)}"
+        ok = (v >= self._lo) & (v <= self._hi)   # False for NaN
+        if ok.all():
+            return None
+        i = int(np.flatnonzero(~ok)[0])
+        return (f"{self.FIELDS[i // n]} of {self.spec.joint_names[i % n]} = {v[i]:.6g} is outside "
+                f"[{self.lower[i]:g}, {self.upper[i]:g}]")
+
+
 class SafetyFilter:
     def __init__(self, spec: RobotSpec, max_delta: float | np.ndarray | None = None, max_state_age: float = 0.05,
                  soft_margin: float | np.ndarray | None = None, velocity_margin: float = 0.1,
@@ -59,12 +94,17 @@ class SafetyFilter:
             j = int(np.flatnonzero(self.lower >= self.upper)[0])
             raise ValueError(f"soft_margin {margin[j]} leaves no range for joint '{spec.joint_names[j]}' of "
                              f"'{spec.name}' ([{spec.q_lower[j]}, {spec.q_upper[j]}])")
-        if not np.all(self.max_delta > 0) or max_state_age <= 0 or velocity_margin < 0:
+        # Written so that NaN fails each check (a NaN state age would never be stale).
+        if not (np.all(self.max_delta > 0) and np.all(np.isfinite(self.max_delta)) and 0 < max_state_age < math.inf
+                and 0 <= velocity_margin < math.inf):
             raise ValueError(f"max_delta (got {self.max_delta.tolist()}) and max_state_age (got {max_state_age}) "
-                             f"must be > 0, velocity_margin (got {velocity_margin}) >= 0")
+                             f"must be finite and > 0, velocity_margin (got {velocity_margin}) finite and >= 0")
         self.dq_limit = spec.dq_max * (1.0 + velocity_margin)
         kd = spec.kd if damping_kd is None else damping_kd
         self.damping_kd = np.broadcast_to(np.asarray(kd, dtype=np.float64), spec.q_default.shape).copy()
+        if not np.all((self.damping_kd >= 0) & (self.damping_kd <= spec.kd)):   # CommandLimits would refuse more
+            raise ValueError(f"damping_kd (got {self.damping_kd.tolist()}) must lie in [0, the robot config's kd "
+                             f"{spec.kd.tolist()}]")
         self._names = spec.joint_names
         # The filter's per-joint constants as Python floats (its per-tick loop reads them).
         self._per_joint = tuple(np.broadcast_to(np.asarray(x, dtype=np.float64), spec.q_default.shape).tolist()

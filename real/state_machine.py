@@ -2,13 +2,16 @@
 
 - IDLE: passive (damping only), never stiff.
 - RAMP: targets interpolate from the pose measured at the first RAMP tick to q_default over
-  ramp_duration; on the last ramp tick the mode becomes RUNNING by itself.
+  ramp_duration; once the (filtered) targets have arrived at q_default the mode becomes RUNNING
+  by itself. Targets that have not arrived 2 s after the rate limit allows (a joint that cannot
+  follow them, blocked or overloaded) are a fault: DAMPING, naming the joint.
 - RUNNING: policy targets go through the safety filter.
 - DAMPING: after a damp command or any safety fault; left only by reset (to IDLE).
 - ESTOP: latched; only reset leaves it (to IDLE), damp is refused.
 
 Ramp targets pass the safety filter too, so a ramp faster than its rate limit simply takes
-longer to arrive. Commands (start/damp/estop/reset) may come from another thread than step();
+longer to arrive: the policy never starts from a pose it was not ramped to. Commands
+(start/damp/estop/reset) may come from another thread than step();
 a refused one raises TransitionError instead of being ignored.
 """
 from __future__ import annotations
@@ -52,6 +55,8 @@ class ControlStateMachine:
         self._pending: list[SafetyEvent] = []    # mode events of commands, reported by the next step
         self._ramp_from: np.ndarray | None = None
         self._ramp_tick = 0
+        self._ramp_deadline = 0
+        self._ramp_goal = np.clip(safety.spec.q_default, safety.lower, safety.upper)   # what the filter can reach
 
     def start(self) -> None:
         self._command("start", Mode.RAMP, "start")
@@ -64,6 +69,17 @@ class ControlStateMachine:
 
     def reset(self) -> None:
         self._command("reset", Mode.IDLE, "reset")
+
+    def stop_if_active(self, reason: str) -> bool:
+        """RAMP or RUNNING -> DAMPING, checked and done under the lock: for stops the control tick
+        decides itself (the firmware dropped out, perception went stale), where an operator's
+        e-stop from another thread may have come first (it stays). True if this call damped."""
+        with self._lock:
+            if self.mode not in (Mode.RAMP, Mode.RUNNING):
+                return False
+            self.safety.trip(reason)
+            self._pending += self._set(Mode.DAMPING, reason)
+            return True
 
     def step(self, q, dq, state_age: float, q_des=None) -> tuple[Command, list[SafetyEvent]]:
         """One control tick. q_des (the policy's targets) is used only in RUNNING."""
@@ -80,8 +96,23 @@ class ControlStateMachine:
             if self.safety.faulted:
                 events += self._set(Mode.DAMPING, self.safety.fault_reason)
             elif self.mode is Mode.RAMP and self._ramp_tick >= self.ramp_ticks:
-                events += self._set(Mode.RUNNING, "ramp complete")
+                events += self._ramp_end(command.q_target)
             return command, events
+
+    def _ramp_end(self, target: np.ndarray) -> list[SafetyEvent]:
+        """RUNNING once the targets are at the default pose; DAMPING if they are still not there
+        at the ramp's deadline."""
+        off = np.abs(target - self._ramp_goal)
+        if off.max() <= 1e-6:
+            return self._set(Mode.RUNNING, "ramp complete")
+        if self._ramp_tick < self._ramp_deadline:
+            return []
+        j = int(np.argmax(off))
+        spec = self.safety.spec
+        reason = (f"ramp did not reach the default pose in {self._ramp_tick / spec.control_hz:.1f} s: "
+                  f"{spec.joint_names[j]} target {target[j]:.3f}, default {self._ramp_goal[j]:.3f} "
+                  "(a joint that cannot follow its target?)")
+        return [self.safety.trip(reason), *self._set(Mode.DAMPING, reason)]
 
     def _command(self, name: str, to: Mode, reason: str) -> None:
         with self._lock:
@@ -107,6 +138,8 @@ class ControlStateMachine:
     def _ramp_target(self, q) -> np.ndarray:
         if self._ramp_from is None:
             self._ramp_from = np.clip(np.asarray(q, dtype=np.float64), self.safety.lower, self.safety.upper)
+            rate_ticks = np.max(np.abs(self._ramp_goal - self._ramp_from) / self.safety.max_delta)
+            self._ramp_deadline = self.ramp_ticks + int(np.ceil(rate_ticks)) + round(2.0 * self.safety.spec.control_hz)
         self._ramp_tick += 1
-        alpha = self._ramp_tick / self.ramp_ticks
+        alpha = min(1.0, self._ramp_tick / self.ramp_ticks)
         return (1.0 - alpha) * self._ramp_from + alpha * self.safety.spec.q_default

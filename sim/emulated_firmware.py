@@ -14,8 +14,11 @@ Modes (firmware_bridge.Mode): the firmware boots in IDLE. IDLE, DAMPING and ESTO
 kp = 0, kd = the spec's kd, no feed-forward; COMMANDs received then are ignored. A MODE_REQUEST
 for RUNNING enters RUNNING, which stays passive until the first COMMAND after entering it (an
 old target is never resumed). In RUNNING, no valid COMMAND for ``watchdog_ms`` -> DAMPING.
-ESTOP is latched until the firmware restarts. A valid COMMAND has the spec's motor count, finite
-values and non-negative gains; its values are applied exactly as received.
+ESTOP is latched until the firmware restarts. A valid COMMAND has the spec's motor count and
+stays inside the robot's limits (real.safety.CommandLimits: finite, targets in the joint range,
+gains up to the YAML's kp and kd, |feed-forward| up to the torque limit), as motor controllers
+configured with the same limits would check; anything else is dropped and counted (`rejected`).
+A valid COMMAND is applied exactly as received.
 
 Frames: COMMAND and STATE carry the motors' frame (robot YAML: motor = direction·joint +
 zero_offset); the twin and the applied-command log are in the joints' frame, so the log compares
@@ -43,6 +46,7 @@ from firmware_bridge import (CommandMsg, Mode, ModeRequestMsg, ProtocolVersionEr
 from firmware_bridge.protocol import SEQ_MASK
 from real.files import save_arrays
 from real.robot_spec import RobotSpec, load_robot
+from real.safety import CommandLimits
 from sim.twin import add_floor, apply_joint_equalities, joint_indices, robot_spec_editable, set_pd_gains
 
 # Fake motor temperature: first-order heating by tau^2 towards ambient + HEAT * tau^2.
@@ -152,7 +156,8 @@ class SimulatedFirmware:
         self.mode = Mode.IDLE
         self.steps = 0
         self.last_command_seq = 0
-        self.rejected = 0  # invalid COMMANDs (wrong motor count, non-finite, negative gains)
+        self.limits = CommandLimits(spec)
+        self.rejected = 0  # COMMANDs dropped: wrong motor count, non-finite, or outside the robot's limits
         self._log: deque[AppliedCommand] = deque(maxlen=self.config.log_capacity)
         self._last_command_t = 0.0
         self._passive()
@@ -163,14 +168,15 @@ class SimulatedFirmware:
 
     # ---- inputs ----
     def handle_command(self, msg: CommandMsg, seq: int) -> None:
-        n = self.spec.n_joints
-        values = np.concatenate([msg.position, msg.kp, msg.kd, msg.torque_ff])
-        if msg.position.shape[0] != n or not np.isfinite(values).all() or (msg.kp < 0).any() or (msg.kd < 0).any():
+        if msg.position.shape[0] != self.spec.n_joints:
+            self.rejected += 1
+            return
+        q_target, tau_ff = self.spec.joint_position(msg.position), self.spec.motor_direction * msg.torque_ff
+        if self.limits.violation(q_target, msg.kp, msg.kd, tau_ff):   # non-finite, or beyond the robot's limits
             self.rejected += 1
             return
         if self.mode != Mode.RUNNING:
             return  # motors are passive outside RUNNING
-        q_target, tau_ff = self.spec.joint_position(msg.position), self.spec.motor_direction * msg.torque_ff
         self._output(q_target, msg.kp, msg.kd, tau_ff)
         self._last_command_t = self.time
         self.last_command_seq = seq

@@ -151,3 +151,36 @@ def test_firmware_watchdog_stops_the_controller(tiny_artifact):
     assert twin.sim.mode == FirmwareMode.DAMPING
     tick(1)
     assert ctl.mode is Mode.DAMPING
+
+
+def test_a_firmware_that_drops_to_idle_is_not_pushed_back_into_running(tiny_artifact):
+    """A firmware restart (or any node's IDLE request) while walking: the controller stops too,
+    instead of asking for RUNNING again and applying policy targets without a ramp."""
+    spec, twin, hw, ctl, tick = make(tiny_artifact)
+    ctl.start()
+    tick(15)
+    assert ctl.mode is Mode.RUNNING
+    twin.sim.request_mode(FirmwareMode.IDLE)
+    n = len(twin.sim.applied_commands())
+    tick(5)
+    assert ctl.mode is Mode.DAMPING and "firmware reports IDLE" in ctl.machine.safety.fault_reason
+    assert twin.sim.mode == FirmwareMode.DAMPING and len(twin.sim.applied_commands()) == n
+
+
+def test_start_is_refused_while_the_firmware_is_latched_in_estop(tiny_artifact):
+    spec, twin, hw, ctl, tick = make(tiny_artifact)
+    twin.sim.request_mode(FirmwareMode.ESTOP)   # pressed on the robot before the controller started
+    tick(2)
+    with pytest.raises(Exception, match="the firmware is in ESTOP"):
+        ctl.start()
+    assert ctl.mode is Mode.IDLE
+
+
+def test_a_non_finite_object_pose_is_refused_and_the_last_one_stays():
+    spec = load_robot("arm7")
+    twin = TwinHardware(spec)
+    ctl = Controller(load_artifact("docs/artifacts/arm_lift_resfit.pt"), spec, twin)
+    assert ctl.set_object_pose([0.5, 0.0, 0.03], [1, 0, 0, 0]) is None
+    assert "not finite" in ctl.set_object_pose([np.nan, 0.0, 0.03], [1, 0, 0, 0])
+    assert "not finite" in ctl.set_object_pose([0.5, 0.0, 0.03], [np.inf, 0, 0, 0])
+    np.testing.assert_array_equal(ctl.object_position, [0.5, 0.0, 0.03])

@@ -116,8 +116,12 @@ def test_motor_zero_offsets_and_directions_are_undone_on_the_robot_side(tmp_path
 
 @pytest.mark.parametrize("key, value, needle", [("direction", 0.5, "'direction' must be 1 or -1"),
                                                 ("direction", 0, "'direction' must be 1 or -1"),
-                                                ("zero_offset", "calibrate me", "'zero_offset' must be a number")])
-def test_a_bad_motor_frame_is_refused_naming_the_joint_and_key(key, value, needle):
+                                                ("zero_offset", "calibrate me", "'zero_offset' must be a finite"),
+                                                # YAML's .nan / .inf: a NaN gain, or a torque limit that is none
+                                                ("kp", float("nan"), "'kp' must be a finite number, got nan"),
+                                                ("torque", float("inf"), "'torque' must be a finite number, got inf"),
+                                                ("velocity", float("inf"), "'velocity' must be a finite number")])
+def test_a_bad_joint_entry_is_refused_naming_the_joint_and_key(key, value, needle):
     import yaml
     from real.robot_spec import SpecError, spec_from_dict
     raw = yaml.safe_load(open(SPEC.source))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from real.robot_spec import load_robot
-from real.safety import SafetyFilter
+from real.safety import CommandLimits, SafetyFilter
 from real.state_machine import ControlStateMachine, Mode, TransitionError
 
 SPEC = load_robot("kid_biped")
@@ -205,9 +205,39 @@ def test_velocity_over_limit_names_the_joint():
     assert np.all(np.abs(cmd.kd * dq) <= SPEC.tau_max + 1e-9)
 
 
-def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="soft_margin"):
-        SafetyFilter(SPEC, soft_margin=1.0)
+@pytest.mark.parametrize("setting", [{"soft_margin": 1.0}, {"max_state_age": float("nan")},
+                                     {"max_state_age": 0.0}, {"velocity_margin": float("nan")},
+                                     {"velocity_margin": -0.1}, {"max_delta": float("inf")},
+                                     {"damping_kd": -0.1}, {"damping_kd": 100.0}])
+def test_bad_settings_are_refused(setting):
+    """NaN included: a NaN state age limit would let a 10 s old state through, a NaN velocity
+    margin any speed; a damping gain above the config's kd is one the bridge would refuse."""
+    (name, _), = setting.items()
+    with pytest.raises(ValueError, match=name):
+        SafetyFilter(SPEC, **setting)
+
+
+def test_command_limits_pass_what_the_filter_sends_and_name_what_is_outside():
+    limits, f, rng = CommandLimits(SPEC), make_filter(), np.random.default_rng(0)
+    q, dq = SPEC.q_default.copy(), np.zeros(N)
+    for tick in range(300):   # whatever the policy wants, the filter's output (in float32 too) passes
+        want = wild(rng, rng.uniform(SPEC.q_lower - 1, SPEC.q_upper + 1))
+        cmd, _ = f.filter(want, q, dq, 0.0)
+        assert limits.violation(*(np.float32(x) for x in cmd)) is None
+        q = cmd.q_target
+        if tick == 150:
+            f.trip("test")   # and the damping command too
+    hold = (SPEC.q_default, SPEC.kp, SPEC.kd, np.zeros(N))
+    assert limits.violation(*hold) is None
+    for field, value, needle in [(0, SPEC.q_upper[KNEE_L] + 3, "q_target of knee_l = 5.2 is outside [0, 2.2]"),
+                                 (1, SPEC.kp[KNEE_L] * 1000, "kp of knee_l = 20000 is outside [0, 20]"),
+                                 (2, -0.1, "kd of knee_l = -0.1 is outside [0, 0.6]"),
+                                 (3, 500.0, "tau_ff of knee_l = 500 is outside [-8.5, 8.5]"),
+                                 (3, np.nan, "tau_ff of knee_l = nan")]:
+        bad = [x.copy() for x in hold]
+        bad[field][KNEE_L] = value
+        assert needle in limits.violation(*bad)
+    assert "needs 10 values" in limits.violation(SPEC.q_default[:3], SPEC.kp, SPEC.kd, np.zeros(N))
 
 
 # -- state machine -----------------------------------------------------------------------------
@@ -238,6 +268,49 @@ def test_ramp_reaches_default_then_runs():
     q_des = SPEC.q_default + 0.05
     cmd, _ = sm.step(q, np.zeros(N), 0.0, q_des=q_des)
     np.testing.assert_allclose(cmd.q_target, np.clip(q_des, SPEC.q_lower + 0.02, SPEC.q_upper - 0.02))
+
+
+def test_a_rate_limited_ramp_runs_only_once_it_has_arrived():
+    """A ramp of 10 ticks from 0.3 rad away, 0.01 rad per tick: the policy starts at tick 30, on
+    the default pose, not at tick 10 from wherever the rate limit had got the targets to."""
+    sm = ControlStateMachine(make_filter(max_delta=0.01), ramp_duration=0.2)
+    q = SPEC.q_default.copy()
+    q[KNEE_L] += 0.3
+    sm.start()
+    ticks = 0
+    while sm.mode is Mode.RAMP:
+        cmd, _ = sm.step(q, np.zeros(N), 0.0)
+        q, ticks = cmd.q_target, ticks + 1   # the robot follows
+    assert sm.mode is Mode.RUNNING and ticks == 30
+    np.testing.assert_allclose(q, SPEC.q_default, atol=1e-9)
+
+
+def test_a_ramp_that_cannot_arrive_damps_naming_the_joint():
+    """A knee held 0.5 rad off (blocked): its target stays within tau_max / kp = 0.425 rad of it,
+    so the ramp never arrives; 2 s after the rate limit's time it is a fault, not RUNNING."""
+    sm = make_machine(ramp_duration=0.2)
+    q = SPEC.q_default.copy()
+    q[KNEE_L] += 0.5
+    sm.start()
+    events, ticks = [], 0
+    while sm.mode is Mode.RAMP:
+        _, ev = sm.step(q, np.zeros(N), 0.0)
+        events, ticks = events + ev, ticks + 1
+    assert sm.mode is Mode.DAMPING and ticks == 10 + 3 + 100   # ramp + 0.5 / 0.2 rad per tick + 2 s at 50 Hz
+    assert "ramp did not reach the default pose in 2.3 s: knee_l target 0.875, default 0.800" in events[-1].reason
+
+
+def test_a_stop_from_the_tick_leaves_an_operators_estop_as_it_is():
+    """The control tick's own stops (firmware dropped out, stale perception) may race an operator's
+    e-stop from another thread: the e-stop stays, and the tick does not raise."""
+    sm = make_machine()
+    run_to_running(sm)
+    sm.estop("operator")
+    assert sm.stop_if_active("firmware reports DAMPING") is False and sm.mode is Mode.ESTOP
+    sm.reset()
+    run_to_running(sm)
+    assert sm.stop_if_active("firmware reports IDLE") is True and sm.mode is Mode.DAMPING
+    assert sm.safety.fault_reason == "firmware reports IDLE"
 
 
 def run_to_running(sm):

@@ -6,15 +6,18 @@ import math
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from sensor_msgs.msg import Imu
+from std_msgs.msg import Float64MultiArray
 
 from firmware_bridge import Mode
 from real.artifact import weights_sha256
 from robotrl.deploy import NodeSpec
-from robotrl_ros.messages import CONTROL_QOS
-from hil_rig import FIRMWARE_WATCHDOG_MS, RAMP_S, TIMING, free_udp_port, wait_for
+from real.hardware import JointCommand
+from robotrl_ros.messages import CONTROL_QOS, command_to_msg
+from hil_rig import FIRMWARE_WATCHDOG_MS, RAMP_S, SPEC, TIMING, free_udp_port, wait_for
 
 def assert_damped_within_watchdog(fw, probe, t_fault) -> None:
     """The firmware went passive within its watchdog time (+2 physics steps to notice it) of
@@ -112,6 +115,23 @@ def test_estop_while_running_is_latched(hil, artifact):
     assert fw.mode == Mode.ESTOP
     assert all(c.t <= t_estop for c in fw.applied_commands()), "a command was applied after the e-stop"
     probe.check_applied()
+
+
+def test_a_rogue_command_outside_the_limits_never_reaches_the_firmware(hil, artifact):
+    """Another node publishing on joint_commands (a teleop script, a second policy): the bridge
+    checks every command against the robot's limits and drops what is outside them."""
+    fw, probe, _ = hil.running_robot(artifact)
+    rogue = JointCommand(SPEC.q_upper + 1.0, SPEC.kp * 10, SPEC.kd, np.full(SPEC.n_joints, 20.0))
+    pub = hil.ros.node.create_publisher(Float64MultiArray, "joint_commands", CONTROL_QOS)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pub.publish(command_to_msg(rogue, SPEC.joint_names))
+        time.sleep(0.005)
+    wait_for(lambda: int(hil.ros.status["bridge: firmware link"]["bad_commands"]) > 0, 3.0,
+             "the bridge to count the rogue commands", hil.output)
+    assert "dropping joint command: outside the limits of kid_biped: q_target of hip_yaw_l" in hil.output()
+    assert hil.policy() == "RUNNING"   # the policy's own commands went on
+    probe.check_applied()   # none applied, and none reached the firmware to be rejected there
 
 
 def test_policy_drives_firmware_directly_over_udp(hil, artifact):

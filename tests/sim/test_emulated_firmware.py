@@ -77,29 +77,44 @@ def test_round_trip_lockstep(rig):
 
 
 def test_feed_forward_is_clipped_at_the_torque_limit(rig):
+    """PD + feed-forward is clipped at the motor's torque limit as a whole: each at its limit, the
+    sum is more, and the motor gives tau_max."""
     fw, hw = rig
-    limp = JointCommand(SPEC.q_default, np.zeros(N), np.zeros(N), np.full(N, 50.0))
-    s = run_lockstep(fw, hw, limp, 3)[-1]
+    push = JointCommand(SPEC.q_upper, SPEC.kp, np.zeros(N), SPEC.tau_max)   # towards the upper limits
+    s = run_lockstep(fw, hw, push, 1)[-1]
     np.testing.assert_allclose(np.abs(s.tau), SPEC.tau_max, rtol=1e-6)
-    np.testing.assert_array_equal(fw.applied_commands()[-1].tau_ff, 50.0)  # logged as sent, in the joints' frame
+    np.testing.assert_allclose(fw.applied_commands()[-1].tau_ff, SPEC.tau_max, rtol=1e-6)  # in the joints' frame
+
+
+def test_a_command_outside_the_robots_limits_is_dropped_and_counted(rig):
+    """The firmware checks what it is sent against the robot's limits, whoever sent it: a target
+    past a joint's range, a stiffer gain than the YAML's, a feed-forward past the torque limit."""
+    fw, hw = rig
+    good = run_lockstep(fw, hw, HOLD, 2)[-1].last_command_seq
+    applied = len(fw.applied_commands())
+    for field, value in (("q_target", SPEC.q_upper + 3), ("kp", SPEC.kp * 1000), ("tau_ff", np.full(N, 50.0))):
+        bad = JointCommand(**{**vars(HOLD), field: value})
+        assert run_lockstep(fw, hw, bad, 1)[-1].last_command_seq == good   # not applied
+    assert len(fw.applied_commands()) == applied and fw.sim.rejected == 3
 
 
 def test_motors_warm_up_under_torque_and_cool_when_passive():
     """The winding temperature follows dT/dt = (ambient + 0.5·tau² - T) / 60 s: 1 s at the torque
-    limit warms a motor by ~0.5 °C (to 62 °C in the long run at 8 Nm); passive, it cools back."""
+    limit warms a motor by ~0.6 °C (to 66 °C in the long run at 8.5 Nm); passive, it cools back."""
     from sim.emulated_firmware import AMBIENT_C, HEAT_C_PER_NM2, THERMAL_TAU_S
     fw = SimulatedFirmware(SPEC)
     fw.request_mode(Mode.RUNNING)
-    push = np.where(np.arange(N) == 3, 50.0, 0.0)   # the left knee pushed at its limit, the others limp
-    cmd = CommandMsg(SPEC.q_default.astype(np.float32), np.zeros(N, np.float32), np.zeros(N, np.float32),
-                     push.astype(np.float32))
+    knee = np.arange(N) == 3   # the left knee pushed to its upper limit at its torque limit, the others limp
+    cmd = CommandMsg(SPEC.motor_position(np.where(knee, SPEC.q_upper, SPEC.q_default)).astype(np.float32),
+                     np.where(knee, SPEC.kp, 0).astype(np.float32), np.zeros(N, np.float32),
+                     np.where(knee, SPEC.tau_max, 0).astype(np.float32))
     steps = int(1.0 / fw.dt)
     for i in range(steps):
         fw.handle_command(cmd, seq=i + 1)   # every physics step, so the watchdog never fires
         fw.step()
-    expected = 1.0 / THERMAL_TAU_S * HEAT_C_PER_NM2 * SPEC.tau_max[3] ** 2
-    assert fw.temperature[3] - AMBIENT_C == pytest.approx(expected, rel=0.05)
-    assert np.all(np.delete(fw.temperature, 3) - AMBIENT_C < 0.05 * expected)
+    at_limit = 1.0 / THERMAL_TAU_S * HEAT_C_PER_NM2 * SPEC.tau_max[3] ** 2   # 1 s at exactly tau_max
+    assert 0.8 * at_limit < fw.temperature[3] - AMBIENT_C <= at_limit   # at the stop, PD eases off a little
+    assert np.all(np.delete(fw.temperature, 3) - AMBIENT_C < 0.05 * at_limit)
     fw.request_mode(Mode.DAMPING)
     warm = fw.temperature[3]
     for _ in range(steps):
@@ -305,7 +320,7 @@ def test_gantry_holds_the_base_until_the_ramp_is_done():
 
 
 @pytest.mark.parametrize("state_hz, needle", [(30, "'state_hz' (30.0)"), (300, "'state_hz' (300.0)"),
-                                              (1000, "'state_hz' (1000.0)"), ("fast", "'state_hz' must be a number")])
+                                              (1000, "'state_hz' (1000.0)"), ("fast", "'state_hz' must be a finite")])
 def test_a_state_rate_the_firmware_cannot_stream_is_refused_by_name(state_hz, needle):
     """STATE comes every k-th physics step: its rate must divide physics_hz and be at least the
     control rate; the robot file's error says which key and why. Without the key: physics_hz."""

@@ -2,7 +2,10 @@
 
 A receive thread waits on the socket and publishes every new STATE frame at once as
 joint_states + imu, stamped on arrival (firmware_mode when it changes); joint_commands and
-firmware_mode_request messages are sent to the firmware from their callbacks.
+firmware_mode_request messages are sent to the firmware from their callbacks. A joint command
+of another shape or joint order, or outside the robot's limits (real.safety.CommandLimits:
+targets, gains, feed-forward torque), is dropped and counted (`bad_commands`), never sent:
+whatever publishes on the topic, the motors get nothing the robot's YAML does not allow.
 
 Watchdog: when no joint command arrived from the policy for command_timeout_ms, every new
 STATE is answered with a damping command (kp = 0, kd = the robot's kd) and a DAMPING mode
@@ -28,6 +31,7 @@ from std_msgs.msg import Float64MultiArray, Header, UInt8
 from firmware_bridge import Mode
 from real.hardware import FirmwareHardware, HardwareState, JointCommand
 from real.robot_spec import load_robot
+from real.safety import CommandLimits
 from robotrl_ros.common import (BIND_PORT, ERROR, OK, PORT, REFUSALS, WARN, RobotNode, run, save_trace, status,
                                 trace_dir)
 from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, command_from_msg, state_to_msgs
@@ -50,6 +54,7 @@ class BridgeNode(RobotNode):
         topics = self.topic_params(["joint_states", "imu", "firmware_mode", "joint_commands",
                                     "firmware_mode_request"])
         self.spec = spec = load_robot(robot)
+        self.limits = CommandLimits(spec)
         self.imu_frame = spec.imu_body or spec.base_body or "base_link"
         self.command_timeout_s = timeout_ms / 1e3 if timeout_ms else 3.0 / spec.control_hz
         self.hw = FirmwareHardware.udp(spec, firmware, bind, timeout_s=link_timeout_s)
@@ -118,15 +123,19 @@ class BridgeNode(RobotNode):
         self._damp(state)
 
     def _damp(self, state: HardwareState) -> None:
-        n = self.spec.n_joints
+        n, spec = self.spec.n_joints, self.spec
+        hold = np.clip(state.q, spec.q_lower, spec.q_upper)   # no effect at kp = 0, but inside the limits
         with self._send_lock:
             self.hw.request_mode(int(Mode.DAMPING))
-            self.hw.write(JointCommand(state.q, np.zeros(n), self.spec.kd, np.zeros(n)))
+            self.hw.write(JointCommand(hold, np.zeros(n), spec.kd, np.zeros(n)))
 
     # ---- executor thread ----
     def _on_command(self, msg: Float64MultiArray) -> None:
         try:
             cmd = command_from_msg(msg, self.spec.joint_names)
+            outside = self.limits.violation(cmd.q_target, cmd.kp, cmd.kd, cmd.tau_ff)
+            if outside:
+                raise ValueError(f"outside the limits of {self.spec.name}: {outside}")
         except ValueError as e:   # dropped: to the watchdog, it is as if none had come
             self.counts["bad_commands"] += 1
             self.get_logger().error(f"dropping joint command: {e}", throttle_duration_sec=1.0)

@@ -175,7 +175,9 @@ class PolicyNode(RobotNode):
         if self._known_frame(msg, "object_pose"):
             pos, quat = self.frames.to_base(msg.header.frame_id, *pose_arrays(msg))
             now = self.get_clock().now().nanoseconds * 1e-9
-            self.controller.set_object_pose(pos, quat, local_stamp(msg.header, now))
+            refused = self.controller.set_object_pose(pos, quat, local_stamp(msg.header, now))
+            if refused:
+                self.get_logger().warning(f"{refused}: ignored", throttle_duration_sec=1.0)
 
     def _on_goal(self, msg: PointStamped) -> None:
         if self._known_frame(msg, "goal"):
@@ -197,9 +199,7 @@ class PolicyNode(RobotNode):
             age = time.monotonic() - s.stamp_s
             if age > self.controller.machine.safety.max_state_age:
                 raise TransitionError(f"robot state is {age * 1e3:.0f} ms old (is the bridge or firmware running?)")
-            if s.firmware_mode == FirmwareMode.ESTOP:
-                raise TransitionError("the firmware is in ESTOP (latched until the firmware restarts)")
-        self.controller.start()
+        self.controller.start()   # refuses a firmware in ESTOP, or missing perception, itself
 
     def _service(self, name, action):
         def handle(_request, response):
