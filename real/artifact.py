@@ -162,15 +162,38 @@ def read_manifest(path: str | Path) -> dict:
 
 def _existing(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder; an artifact is one file (robotrl export writes it)")
     if not path.is_file():
         raise ArtifactError(f"artifact not found: {path}")
     return path
 
 
-def _readable(manifest: dict, path: Path) -> dict:
+# What every manifest holds, by section: the controller, the observation builder and the robot
+# check read these (what is missing is named here rather than as a KeyError inside one of them).
+REQUIRED = {"observation": ("size", "terms", "history"), "action": ("joint_names", "scale", "offset", "clip", "type"),
+            "robot": ("name", "joint_names", "control_hz", "physics_hz", "kp", "kd", "q_lower", "q_upper",
+                      "q_default", "tau_max"),
+            "task": ("name",), "hashes": ()}
+
+
+def _readable(text: str | bytes, path: Path) -> dict:
+    """The manifest, parsed and checked for the format and the sections every reader relies on."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+        raise ArtifactError(f"{path}: its manifest is not valid JSON ({e}); re-export it") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: its manifest is a {type(manifest).__name__}, not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: manifest format {manifest.get('format')} v{manifest.get('format_version')}, "
                             f"this runtime reads {FORMAT} v{FORMAT_VERSION}; re-export it with `robotrl export`")
+    for section, keys in REQUIRED.items():
+        part = manifest.get(section)
+        missing = [k for k in keys if k not in part] if isinstance(part, dict) else None
+        if missing is None or missing:
+            what = f"'{section}'" if missing is None else f"'{section}.{missing[0]}'"
+            raise ArtifactError(f"{path}: its manifest has no {what}; re-export it with `robotrl export`")
     return manifest
 
 
@@ -187,7 +210,7 @@ def _torchscript_manifest(archive: zipfile.ZipFile, path: Path) -> dict:
     names = [n for n in archive.namelist() if n.endswith("/extra/manifest.json")]
     if not names:
         raise ArtifactError(f"{path} has no manifest.json inside: it was not written by `robotrl export`")
-    return _readable(json.loads(archive.read(names[0])), path)
+    return _readable(archive.read(names[0]), path)
 
 
 def _load_torchscript(path: Path) -> TorchScriptArtifact:
@@ -242,7 +265,7 @@ def _onnx_manifest(model, path: Path) -> dict:
     meta = {p.key: p.value for p in model.metadata_props}
     if ONNX_MANIFEST_KEY not in meta:
         raise ArtifactError(f"{path} has no '{ONNX_MANIFEST_KEY}' metadata: it was not written by `robotrl export`")
-    return _readable(json.loads(meta[ONNX_MANIFEST_KEY]), path)
+    return _readable(meta[ONNX_MANIFEST_KEY], path)
 
 
 def _load_onnx(path: Path) -> OnnxArtifact:

@@ -116,6 +116,29 @@ print(json.dumps([read_manifest(f) for f in {files!r}]))
         read_manifest(fake)
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda text: text[:len(text) // 2], "its manifest is not valid JSON"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "action"}), "has no 'action'"),
+    (lambda text: json.dumps({**json.loads(text), "robot": {"name": "x"}}), "has no 'robot.joint_names'"),
+    (lambda text: "[1, 2]", "its manifest is a list, not a JSON object")])
+def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path, edit, needle):
+    """A manifest edited by hand or damaged (the archive's own checksums still pass): the file
+    and what is wrong with it, before any reader meets a KeyError."""
+    import zipfile
+    src, dst = ARTIFACTS / "kid_biped_walk_eco.pt", tmp_path / "edited.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("/extra/manifest.json"):
+                data = edit(data.decode()).encode()
+            zout.writestr(item, data)
+    with pytest.raises(ArtifactError, match=needle) as e:
+        read_manifest(dst)
+    assert str(dst) in str(e.value)
+    with pytest.raises(ArtifactError, match="is a folder; an artifact is one file"):
+        load_artifact(tmp_path)
+
+
 def _robot_variant(**changes):
     raw = yaml.safe_load((CONFIG_DIR / "robot" / "kid_biped.yaml").read_text())
     raw.update(changes)
