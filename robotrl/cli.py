@@ -66,7 +66,7 @@ def number_option(opts: dict, key: str, least: float = 0, integer: bool = True) 
         value = math.nan if isinstance(opts[key], bool) else float(opts[key])   # true is not 1
     except (TypeError, ValueError):   # null, a list, a word
         value = math.nan
-    if not value >= least or (integer and not value.is_integer()):
+    if not least <= value < math.inf or (integer and not value.is_integer()):
         raise UsageError(f"{key} must be {'an integer' if integer else 'a number'} >= {least:g}, got '{opts[key]}'")
     return int(value) if integer else value
 
@@ -78,8 +78,8 @@ def numbers(opts: dict, key: str, n: int) -> list[float]:
         values = [float(v) for v in parse_list(opts[key])]
     except ValueError:
         values = []
-    if len(values) != n:
-        raise UsageError(f"{key} must be {n} numbers like [{','.join(['0'] * n)}], got '{opts[key]}'")
+    if len(values) != n or not all(map(math.isfinite, values)):
+        raise UsageError(f"{key} must be {n} finite numbers like [{','.join(['0'] * n)}], got '{opts[key]}'")
     return values
 
 
@@ -145,7 +145,10 @@ def cmd_train(args: list[str]) -> Path:
     from robotrl.runner import train
     from real.robot_spec import available_robots
     from robotrl.offpolicy import is_offpolicy
-    resume = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    resumes = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if len(resumes) > 1 or resumes == [""]:
+        raise UsageError(f"resume= takes one run folder or checkpoint, got {resumes}")
+    resume = resumes[0] if resumes else None
     ckpt = None
     if resume:   # the run's own algo decides which runner goes on with it
         from robotrl.checkpoint import load_checkpoint
@@ -169,7 +172,12 @@ def cmd_train(args: list[str]) -> Path:
             args = [*args, f"total_steps={saved['total_steps']}"]
     cfg = compose_train_config(args)
     if not resume:
+        if not cfg.run_dir:
+            raise UsageError("run_dir= is empty: give the folder the run writes (or leave it out for runs/<name>)")
         output_place(cfg.run_dir, "run_dir", folder=True)
+        if (Path(cfg.run_dir) / "config.yaml").exists():   # its checkpoints and metrics would be overwritten
+            raise UsageError(f"run_dir={cfg.run_dir} already holds a run: continue it with resume={cfg.run_dir}, "
+                             "or give another run_dir")
     if cfg.task.robot not in available_robots():
         raise UsageError(f"unknown robot '{cfg.task.robot}'; available: {', '.join(available_robots())}")
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner

@@ -38,6 +38,14 @@ def artifact(run):
 def test_run_folder_has_everything(run):
     for name in ("config.yaml", "checkpoints/last.pt", "metrics.csv", "learning_curves.png", "summary.json"):
         assert (run / name).is_file(), name
+
+
+def test_a_new_run_into_an_existing_runs_folder_is_refused(run, capsys):
+    """It would overwrite that run's checkpoints and config and append to its metrics.csv."""
+    before = (run / "checkpoints" / "last.pt").stat().st_mtime_ns, (run / "metrics.csv").read_text()
+    assert main(["train", *TINY, f"run_dir={run}"]) == 2
+    assert f"run_dir={run} already holds a run: continue it with resume={run}" in capsys.readouterr().err
+    assert ((run / "checkpoints" / "last.pt").stat().st_mtime_ns, (run / "metrics.csv").read_text()) == before
     assert any((run / "tb").iterdir())
     assert (run / "rollout.mp4").stat().st_size > 1000
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -257,16 +265,21 @@ def test_resume_after_kill(tmp_path, capsys):
     (["train", "checkpoint_every=0"], "checkpoint_every must be an integer >= 1, got '0'"),
     (["train", "num_envs=two"], "num_envs must be an integer >= 1, got 'two'"),
     (["train", "total_steps=-5"], "total_steps must be a number >= 1"),
+    (["train", "total_steps=inf"], "total_steps must be a number >= 1, got 'inf'"),
+    (["train", "run_dir="], "run_dir= is empty"),
+    (["train", "resume="], r"resume= takes one run folder or checkpoint, got \[''\]"),
+    (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[nan,0,0]"], "command must be 3 finite"),
+    (["eval", f"artifact={ARTIFACTS}"], "artifacts is a folder; an artifact is one file"),
     (["train", "video=maybe"], "video must be true or false, got 'maybe'"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "episodes=0"], "episodes must be an integer >= 1"),
-    (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[0.2,x,0]"], "command must be 3 numbers"),
+    (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[0.2,x,0]"], "command must be 3 finite"),
     (["eval", f"artifact={ARTIFACTS / 'arm_lift_resfit.pt'}", "command=[0.2,0,0]"],
      "command=: task arm_lift has no velocity command"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "num_envs=many"], "num_envs must be an integer"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "task.physics_hz=0"], "task.physics_hz must be > 0"),
     (["compare", "runs=[runs/x]", "eval_seeds=[0,a]"], "eval_seeds must be an integer >= 0, got 'a'"),
     (["demos", "noise=x"], "noise must be a number >= 0, got 'x'"),
-    (["operate", "cmd_vel=[0.2,0]"], r"cmd_vel must be 3 numbers like \[0,0,0\], got '\[0.2,0\]'"),
+    (["operate", "cmd_vel=[0.2,0]"], r"cmd_vel must be 3 finite numbers like \[0,0,0\], got '\[0.2,0\]'"),
     (["bench", "infer", "--calls", "0"], "--calls must be an integer >= 100, got '0'"),
     (["bench", "sim", "--seconds", "x"], "--seconds must be a number >= 0.1, got 'x'"),
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),

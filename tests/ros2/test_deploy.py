@@ -203,7 +203,7 @@ def test_operate_says_what_is_wrong(hil, capsys, monkeypatch):
     cases = {("start", "wait=1"): "no answer from /policy/start within 1 s (is the graph running, in ROS_DOMAIN_ID",
              ("jump",): "unknown action 'jump'; the policy node offers: start, damp, estop, reset",
              ("goal=[0.4,0.1,0]",): "goal needs robot=<name>",
-             ("cmd_vel=[0.2,0]",): "cmd_vel must be 3 numbers like [0,0,0]",
+             ("cmd_vel=[0.2,0]",): "cmd_vel must be 3 finite numbers like [0,0,0]",
              ("cmd_vel=[0.2,0,0]", "node=walker", "wait=1"): "node 'walker' did not subscribe to cmd_vel within 1 s",
              (): "operate needs one of start, damp, estop, reset"}
     for args, says in cases.items():
