@@ -183,6 +183,10 @@ def cmd_train(args: list[str]) -> Path:
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
         from robotrl.offpolicy import train as train_offpolicy
         return train_offpolicy(cfg)
+    if cfg.task.get("action_type") == "delta":   # the on-policy artifact maps an action to targets, statelessly
+        raise UsageError(f"algo={cfg.algo.name} exports policies whose action is the joint target; task "
+                         f"{cfg.task.name}'s action is a step of it (task.action_type=delta): set "
+                         "task.action_type=absolute, or train it with algo=bc, resfit, rlpd or resppo")
     return train(cfg, ckpt)
 
 
@@ -302,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd not in ("bench", "deploy") and any(a in ("-h", "--help") for a in rest):   # those two have argparse's
+        print(USAGE)
+        return 0
     if cmd not in COMMANDS:
         print(f"robotrl: unknown command '{cmd}'; available: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -225,7 +225,8 @@ class MlpDeployPolicy(DeployModule):
         self.register_buffer("offset", torch.tensor(act["offset"], dtype=torch.float32))
         self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
         self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
-        self.scale = float(act["scale"])
+        # One scale for all joints (the walkers) or one per joint (an arm and its gripper).
+        self.register_buffer("scale", torch.tensor(act["scale"], dtype=torch.float32))
         self.clip = float(act["clip"])
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -233,7 +234,7 @@ class MlpDeployPolicy(DeployModule):
 
     @torch.jit.export
     def command(self, action: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.add(self.offset, action, alpha=self.scale), self.q_lower, self.q_upper)
+        return torch.clamp(torch.addcmul(self.offset, action, self.scale), self.q_lower, self.q_upper)
 
     @torch.jit.export
     def reset(self) -> None:

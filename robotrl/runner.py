@@ -92,8 +92,8 @@ def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         for _ in range(algo.cfg.steps_per_env):
             obs, reward, terminated, truncated, info = algo.env_step(env, obs, critic)
             critic = info["critic_obs"]
-            power.append(info["power_w"].mean())
-            vel_err.append(info["vel_error"].mean() if "vel_error" in info else np.nan)
+            power.append(info["power_w"].mean() if "power_w" in info else np.nan)   # walking tasks report
+            vel_err.append(info["vel_error"].mean() if "vel_error" in info else np.nan)   # these two
             for k, v in info.items():
                 if k.startswith("reward/") or k == "success":
                     info_sums[k] = info_sums.get(k, 0.0) + float(np.mean(v))
@@ -111,8 +111,8 @@ def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         metrics = {"train/episode_return": float(np.mean(returns[-100:])) if returns else np.nan,
                    "train/episode_length": float(np.mean(lengths[-100:])) if lengths else np.nan,
                    "train/fall_rate": falls / episodes if episodes else np.nan,
-                   "train/power_w": float(np.mean(power)),
-                   "train/vel_error": float(np.nanmean(vel_err)) if not np.all(np.isnan(vel_err)) else np.nan,
+                   "train/power_w": float(np.mean(power)),   # NaN where the task reports none
+                   "train/vel_error": float(np.mean(vel_err)),
                    "perf/env_steps_per_s": per_iter / max(collect_s, 1e-9),
                    "perf/iteration_s": time.perf_counter() - t0,
                    **{k: v / algo.cfg.steps_per_env for k, v in info_sums.items()}, **stats}

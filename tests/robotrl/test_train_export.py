@@ -40,6 +40,24 @@ def test_run_folder_has_everything(run):
         assert (run / name).is_file(), name
 
 
+def test_ppo_trains_and_exports_an_arm_policy_with_per_joint_action_scales(tmp_path, capsys):
+    """The on-policy artifact maps the action to targets by a scale per joint (the arm's 0.05 rad
+    joints and its gripper finger's metres), not only the walkers' one scale."""
+    d = tmp_path / "arm"
+    assert main(["train", "task=arm_place", "robot=arm7", "task.action_type=absolute", "num_envs=2",
+                 "algo.steps_per_env=16", "algo.actor_hidden=[32]", "algo.critic_hidden=[32]", "total_steps=64",
+                 "video=false", "progress=false", f"run_dir={d}"]) == 0
+    assert main(["export", f"run={d}", f"out={d}/arm.pt"]) == 0   # its parity check passes
+    art = load_artifact(d / "arm.pt")
+    scale = np.asarray(art.manifest["action"]["scale"])
+    assert scale.ndim == 1 and len(set(scale.tolist())) > 1
+    lower, upper = (np.asarray(art.manifest["robot"][k]) for k in ("q_lower", "q_upper"))
+    action = np.full(len(scale), 0.5, dtype=np.float32)
+    expected = np.clip(np.asarray(art.manifest["action"]["offset"]) + scale * 0.5, lower, upper)
+    np.testing.assert_allclose(art.command(action), expected, atol=1e-6)
+    assert main(["train", "--help"]) == 0 and "usage: robotrl" in capsys.readouterr().out
+
+
 def test_a_new_run_into_an_existing_runs_folder_is_refused(run, capsys):
     """It would overwrite that run's checkpoints and config and append to its metrics.csv."""
     before = (run / "checkpoints" / "last.pt").stat().st_mtime_ns, (run / "metrics.csv").read_text()
@@ -267,6 +285,7 @@ def test_resume_after_kill(tmp_path, capsys):
     (["train", "total_steps=-5"], "total_steps must be a number >= 1"),
     (["train", "total_steps=inf"], "total_steps must be a number >= 1, got 'inf'"),
     (["train", "run_dir="], "run_dir= is empty"),
+    (["train", "task=arm_lift", "robot=arm7"], r"task arm_lift's action is a step of it \(task.action_type=delta\)"),
     (["train", "resume="], r"resume= takes one run folder or checkpoint, got \[''\]"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[nan,0,0]"], "command must be 3 finite"),
     (["eval", f"artifact={ARTIFACTS}"], "artifacts is a folder; an artifact is one file"),
