@@ -175,7 +175,7 @@ def cmd_train(args: list[str]) -> Path:
         if not cfg.run_dir:
             raise UsageError("run_dir= is empty: give the folder the run writes (or leave it out for runs/<name>)")
         output_place(cfg.run_dir, "run_dir", folder=True)
-        if (Path(cfg.run_dir) / "config.yaml").exists():   # its checkpoints and metrics would be overwritten
+        if (Path(cfg.run_dir) / "checkpoints" / "last.pt").exists():   # it would be overwritten
             raise UsageError(f"run_dir={cfg.run_dir} already holds a run: continue it with resume={cfg.run_dir}, "
                              "or give another run_dir")
     if cfg.task.robot not in available_robots():

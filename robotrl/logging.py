@@ -33,7 +33,7 @@ class MetricsLogger:
         new = self.columns is None
         if new:
             self.columns = list(row)
-        with open(self.csv_path, "a", newline="") as f:
+        with open(self.csv_path, "w" if new else "a", newline="") as f:   # a new run starts a new file
             w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 w.writeheader()

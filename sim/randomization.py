@@ -6,6 +6,7 @@ sampled uniformly per environment at every reset.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import mujoco
 import numpy as np
@@ -33,11 +34,11 @@ class Randomization:
         for name in ("friction", "mass_scale", "motor_strength", "kp_scale", "kd_scale", "action_delay_steps",
                      "obs_delay_steps"):
             lo_hi = getattr(self, name)
-            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 0:
+            if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] < math.inf:   # NaN fails too
                 raise ValueError(f"randomization.{name} must be [low, high] with 0 <= low <= high, got {list(lo_hi)}")
         for name in ("com_offset_m", "obs_noise", "push_interval_s", "push_velocity"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"randomization.{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"randomization.{name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 class Randomizer:

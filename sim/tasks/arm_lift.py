@@ -13,6 +13,7 @@ reward is a sparse 0/1 success (cube lifted by `lift_height` and held in the gri
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import mujoco
 import numpy as np
@@ -59,9 +60,9 @@ class ArmLiftConfig:
 
     def __post_init__(self):
         for key in ("episode_s", "action_scale", "gripper_scale", "action_clip", "lift_height"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")
-        if self.hold_s < 0:
+            if not 0 < getattr(self, key) < math.inf:   # NaN fails too
+                raise ValueError(f"task.{key} must be a finite number > 0, got {getattr(self, key)}")
+        if not 0 <= self.hold_s < math.inf:
             raise ValueError(f"task.hold_s must be >= 0, got {self.hold_s}")
         if self.history < 1:
             raise ValueError(f"task.history must be >= 1, got {self.history}")

@@ -9,6 +9,7 @@ part of the reward (ECO constrains it instead).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import mujoco
@@ -50,12 +51,19 @@ class HumanoidWalkConfig:
 
     def __post_init__(self):
         for key in ("episode_s", "gait_period_s", "action_scale", "action_clip", "nominal_height"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"task.{key} must be > 0, got {getattr(self, key)}")
+            if not 0 < getattr(self, key) < math.inf:   # NaN fails too
+                raise ValueError(f"task.{key} must be a finite number > 0, got {getattr(self, key)}")
         if self.history < 1:
             raise ValueError(f"task.history must be >= 1, got {self.history}")
-        if self.physics_hz is not None and self.physics_hz <= 0:
+        if self.physics_hz is not None and not 0 < self.physics_hz < math.inf:
             raise ValueError(f"task.physics_hz must be > 0 (or null: the robot's rate), got {self.physics_hz}")
+        c = self.command
+        for key in ("vx", "vy", "yaw_rate"):
+            lo_hi = getattr(c, key)
+            if len(lo_hi) != 2 or not -math.inf < lo_hi[0] <= lo_hi[1] < math.inf:
+                raise ValueError(f"task.command.{key} must be [low, high] with low <= high, got {list(lo_hi)}")
+        if not 0 < c.resample_s < math.inf:
+            raise ValueError(f"task.command.resample_s must be a finite number > 0, got {c.resample_s}")
         unknown = sorted(set(self.reward) - set(REWARDS))
         if unknown:
             raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(REWARDS)}")
@@ -119,7 +127,14 @@ class HumanoidWalk:
     def __init__(self, cfg: HumanoidWalkConfig, num_envs: int = 1, nthread: int = 1):
         self.cfg = cfg
         self.robot = load_robot(cfg.robot)
+        if not self.robot.foot_bodies:
+            raise ValueError(f"task {cfg.name} needs a legged robot (foot_bodies in its YAML); "
+                             f"'{self.robot.name}' has none ({self.robot.source})")
         if cfg.physics_hz is not None:
+            ratio = cfg.physics_hz / self.robot.control_hz
+            if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:   # else each control step would be longer or shorter
+                raise ValueError(f"task.physics_hz={cfg.physics_hz:g} must be a whole multiple of the robot's control "
+                                 f"rate, {self.robot.control_hz:g} Hz")
             self.robot = dataclasses.replace(self.robot, physics_hz=float(cfg.physics_hz))
         r = self.robot
         mj = robot_spec_editable(r)
