@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from robotrl.algos import require_finite
+
 POLICIES = ("mlp", "act")
 
 
@@ -55,6 +57,7 @@ class BCConfig:
     eval_envs: int = 10
 
     def __post_init__(self):
+        require_finite(self)
         if self.policy not in POLICIES:
             raise ValueError(f"algo.policy must be one of {list(POLICIES)}, got '{self.policy}'")
         if self.chunk < 1 or not 1 <= self.execute <= self.chunk:

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from robotrl.algos import require_finite
 from robotrl.networks import ActorCritic
 
 
@@ -43,6 +44,13 @@ class PPOConfig:
     rnn_size: int = 64
 
     def __post_init__(self):
+        require_finite(self)   # here and in ECO's configs built on this one
+        for key in ("desired_kl", "max_grad_norm", "init_std"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"algo.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("value_clip", "value_coef", "entropy_coef"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"algo.{key} must be >= 0, got {getattr(self, key)}")
         if self.lr_schedule not in ("adaptive", "linear", "constant"):
             raise ValueError(f"algo.lr_schedule must be one of adaptive, linear, constant; got '{self.lr_schedule}'")
         for key in ("steps_per_env", "epochs", "minibatches"):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robotrl.algos import require_finite
 from robotrl.checkpoint import save_atomic
 from robotrl.networks import DeployModule
 
@@ -88,6 +89,7 @@ class ResFiTConfig:
     log_every: int = 500             # env steps between metric rows
 
     def __post_init__(self):
+        require_finite(self)
         if self.critic_loss not in CRITIC_LOSSES:
             raise ValueError(f"algo.critic_loss must be one of {list(CRITIC_LOSSES)}, got '{self.critic_loss}'")
         if not 1 <= self.num_min_q <= self.num_q:
