@@ -39,6 +39,9 @@ commands:
 """
 
 
+VIDEO_SUFFIXES = (".mp4", ".gif")   # what imageio writes from MuJoCo's frames
+
+
 class UsageError(ValueError):
     pass
 
@@ -207,6 +210,8 @@ def cmd_eval(args: list[str]) -> dict:
         raise UsageError("eval needs artifact=<file>")
     for key in ("out", "video"):
         output_place(opts[key], key)
+    if opts["video"] and Path(opts["video"]).suffix.lower() not in VIDEO_SUFFIXES:
+        raise UsageError(f"video={opts['video']}: a video file ends in {' or '.join(VIDEO_SUFFIXES)}")
     return evaluate_artifact(opts["artifact"], episodes=number_option(opts, "episodes", 1), out=opts["out"],
                              seed=number_option(opts, "seed"),
                              command=numbers(opts, "command", 3) if opts["command"] else None, overrides=overrides,

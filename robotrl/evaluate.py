@@ -29,6 +29,26 @@ def _policy(art, path, num_envs: int):
     return act
 
 
+def _what_differs(trained, here, where: str) -> str | None:
+    """The first place (a dotted key) where `here` is not what the artifact was trained with."""
+    if isinstance(trained, dict) or isinstance(here, dict):
+        if not (isinstance(trained, dict) and isinstance(here, dict)):
+            return f"{where}: {trained} in the artifact, {here} here"
+        for key in sorted(trained.keys() | here.keys()):
+            if (found := _what_differs(trained.get(key), here.get(key), f"{where}.{key}")) is not None:
+                return found
+        return None
+    if isinstance(trained, list) and isinstance(here, list) and len(trained) == len(here) and any(
+            isinstance(x, dict) for x in trained):   # observation terms: say which term differs
+        return next((found for i, (a, b) in enumerate(zip(trained, here))
+                     if (found := _what_differs(a, b, f"{where}[{i}]")) is not None), None)
+    try:
+        same = np.allclose(np.asarray(trained, dtype=float), np.asarray(here, dtype=float), rtol=1e-6, atol=1e-9)
+    except (TypeError, ValueError):   # strings, or another shape
+        same = trained == here
+    return None if same else f"{where}: {trained} in the artifact, {here} here"
+
+
 def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | None = None, seed: int = 0,
                       command: list[float] | None = None, overrides: list[str] | None = None, num_envs: int = 10,
                       video: str | None = None) -> dict:
@@ -39,6 +59,8 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
         key, value = o.split("=", 1)
         if not key.startswith("task."):
             raise ValueError(f"eval override '{key}': only task.<key>=… overrides are accepted")
+        if key == "task.name":
+            raise ValueError(f"task.name: the artifact was trained on task {base.name}, and eval runs it there")
         # unknown keys are refused (naming them) when the task's schema checks the config below
         OmegaConf.update(base, key[5:], yaml.safe_load(value), force_add=True)  # "[1,1]" -> [1, 1]
     if command is not None:   # [vx, vy, yaw_rate], held for the whole evaluation
@@ -48,6 +70,12 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     task_cfg = task_config(OmegaConf.to_container(base))
     n = max(1, min(num_envs, episodes))
     env = TaskVectorEnv(task_cfg, num_envs=n, nthread=2)
+    here = json.loads(json.dumps(env.task.manifest(), default=lambda x: x.tolist()))
+    for section in ("observation", "action"):   # the overrides are for the world, not for the policy's inputs
+        if (found := _what_differs(art.manifest[section], here[section], section)) is not None:
+            raise ValueError(f"{' '.join(overrides or [])}: changes what the artifact was trained to see or do "
+                             f"({found}); eval's task.* overrides may change the physics, randomisation and "
+                             "delays, not the observation or the action")
     act = _policy(art, path, n)
     obs, _ = env.reset(seed=seed)
     returns, successes, falls, lengths = [], [], 0, []
