@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from real.artifact import artifact_format
 from robotrl.files import atomic_write
 
 
@@ -40,12 +41,19 @@ def run_dir_of(path: str | Path) -> Path:
     return path if path.is_dir() else path.resolve().parents[1]
 
 
+def _an_artifact(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} is an exported artifact, not a checkpoint: give a run folder or its "
+                           "checkpoints/*.pt (robotrl eval takes the artifact)")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if artifact_format(path) == "onnx":
+        raise _an_artifact(path)
     try:
         with warnings.catch_warnings():   # torch's advice for an artifact given here; the error below says it
             warnings.filterwarnings("ignore", message=".*TorchScript archive")
@@ -54,8 +62,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is corrupt or truncated and cannot be read "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(ckpt, torch.jit.ScriptModule):   # torch.load hands a TorchScript file to torch.jit.load
-        raise CheckpointError(f"{path} is an exported artifact, not a checkpoint: give a run folder or its "
-                              "checkpoints/*.pt (robotrl eval takes the artifact)")
+        raise _an_artifact(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a robotrl checkpoint (no 'model'/'config' entries)")
     return ckpt

@@ -41,7 +41,11 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
     env, algo = build(cfg, num_envs=1)
     # The artifact needs the policy only (normaliser, actor): critic-side parts may differ between
     # versions (ECO's cost critic became a cost head) without stopping an export.
-    missing, _ = algo.model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, _ = algo.model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:   # "size mismatch for actor.0.weight: …": weights and config disagree
+        raise ValueError(f"{run}: the checkpoint's weights do not fit the network its config describes "
+                         f"({str(e).splitlines()[-1].strip()})") from None
     policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm.", "memory."))]
     if policy_missing:
         raise ValueError(f"{run}: the checkpoint lacks policy tensors {policy_missing}")

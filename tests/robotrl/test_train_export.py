@@ -319,6 +319,7 @@ def test_resume_after_kill(tmp_path, capsys):
     (["bench", "sim", "--seconds", "x"], "--seconds must be a number >= 0.1, got 'x'"),
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),
     (["report", "runs=/nonexistent"], "/nonexistent is not a run folder: it has no config.yaml or metrics.csv"),
+    (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.onnx'}"], "kid_biped_walk_eco.onnx is an exported artifact"),
     (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.pt'}"], "kid_biped_walk_eco.pt is an exported artifact, not a "
      "checkpoint: give a run folder or its checkpoints/"),
     # Where results go is checked before the work that makes them.
