@@ -243,8 +243,15 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
         if not (r / "config.yaml").is_file() or not (r / "metrics.csv").is_file():
             raise FileNotFoundError(f"{r} is not a run folder (no config.yaml / metrics.csv)")
     from real.artifact import read_manifest
+    manifests = {a: read_manifest(a) for a in artifacts}
+    tasks = [(r, OmegaConf.load(r / "config.yaml").task) for r in run_dirs]
+    tasks += [(a, m["task"].get("config", {})) for a, m in manifests.items()]
+    for where, task in tasks:   # the report is power against velocity tracking
+        if "command" not in task:
+            raise ValueError(f"{where} is a policy for task {task.get('name')}; compare reports power and velocity "
+                             "tracking of walking policies (`robotrl report runs=…` compares tabletop runs)")
     rows = [describe_run(r) for r in run_dirs]
-    rows += [{"artifact": a, "method": read_manifest(a)["training"]["algo"]} for a in artifacts]
+    rows += [{"artifact": a, "method": m["training"]["algo"]} for a, m in manifests.items()]
     for row, label in zip(rows, unique_labels([*run_dirs, *(Path(a).with_suffix("") for a in artifacts)])):
         row["label"] = label
     evaluate_rows(rows, out, episodes, eval_seeds or [seed], eval_envs, command)

@@ -318,6 +318,8 @@ def test_resume_after_kill(tmp_path, capsys):
     (["bench", "infer", "--calls", "0"], "--calls must be an integer >= 100, got '0'"),
     (["bench", "sim", "--seconds", "x"], "--seconds must be a number >= 0.1, got 'x'"),
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),
+    (["compare", f"artifacts=[{ARTIFACTS / 'arm_lift_resfit.pt'}]", "out=/tmp/robotrl_test_compare"],
+     "arm_lift_resfit.pt is a policy for task arm_lift; compare reports power and velocity tracking"),
     (["report", "runs=/nonexistent"], "/nonexistent is not a run folder: it has no config.yaml or metrics.csv"),
     (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.onnx'}"], "kid_biped_walk_eco.onnx is an exported artifact"),
     (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.pt'}"], "kid_biped_walk_eco.pt is an exported artifact, not a "
