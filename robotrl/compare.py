@@ -233,9 +233,9 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
             budgets: list[str] | None = None, steps: int = 1_000_000, num_envs: int | None = None,
             overrides: list[str] | None = None, eval_seeds: list[int] | None = None) -> Path:
     """seed: the training seed (train=true) and, unless eval_seeds are given, the one evaluation seed."""
-    out.mkdir(parents=True, exist_ok=True)
     run_dirs = [Path(r) for r in runs]
     if train:
+        out.mkdir(parents=True, exist_ok=True)
         run_dirs += train_runs(out, methods or METHODS, budgets or [], steps, seed, num_envs, overrides or [])
     if not run_dirs and not artifacts:
         raise ValueError("compare needs runs=[…], artifacts=[…] or train=true")
@@ -250,6 +250,7 @@ def compare(runs: list[str], artifacts: list[str], out: Path, episodes: int = 10
         if "command" not in task:
             raise ValueError(f"{where} is a policy for task {task.get('name')}; compare reports power and velocity "
                              "tracking of walking policies (`robotrl report runs=…` compares tabletop runs)")
+    out.mkdir(parents=True, exist_ok=True)
     rows = [describe_run(r) for r in run_dirs]
     rows += [{"artifact": a, "method": m["training"]["algo"]} for a, m in manifests.items()]
     for row, label in zip(rows, unique_labels([*run_dirs, *(Path(a).with_suffix("") for a in artifacts)])):
