@@ -262,10 +262,8 @@ def cmd_report(args: list[str]) -> dict:
         return report_recording(args[0], opts["out"])
     from robotrl.report_resfit import report
     opts, _ = parse_pairs(args, {"runs": None, "out": "runs/report", "title": ""})
-    if not opts["runs"]:
-        raise UsageError("report needs runs=<run dir>,<run dir>,… (bc, resfit, rlpd, resppo runs)")
     output_place(opts["out"], "out", folder=True)
-    return report([r for r in opts["runs"].split(",") if r], opts["out"], opts["title"])
+    return report([r for r in (opts["runs"] or "").split(",") if r], opts["out"], opts["title"])
 
 
 def cmd_bench(args: list[str]) -> None:

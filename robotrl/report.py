@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +50,7 @@ def _messages(path: Path) -> tuple[Iterator, bool]:
             make_reader(f).get_summary()   # a closed recording ends with its summary and footer
         except InvalidMagic:
             raise ValueError(f"{path} is not an MCAP recording (it does not begin with MCAP's magic bytes)") from None
-        except McapError:
+        except (McapError, struct.error, OSError):   # no footer, or shorter than one (a seek before the start)
             return _up_to_the_cut(path), False
     return read_ros2_messages(str(path)), True
 
@@ -77,8 +78,16 @@ def load(path: str | Path) -> dict:
     obj_t, obj, goal = [], [], None
     loop_t, loop = [], defaultdict(list)
     modes, fw_modes, events, seen_events = [], [], [], set()
-    t0 = None
-    for m in messages:
+    t0, damage = None, None
+    messages = iter(messages)
+    while True:
+        try:
+            m = next(messages)
+        except StopIteration:
+            break
+        except Exception as e:   # from the MCAP reader: bytes damaged on disk; what came before them stands
+            damage = f"{type(e).__name__}: {e}"
+            break
         topic = m.channel.topic
         counts[topic] += 1
         t = m.log_time_ns * 1e-9
@@ -126,9 +135,9 @@ def load(path: str | Path) -> dict:
                             seen_events.add(v)
                             events.append((t, v))
     if t0 is None:
-        raise ValueError(f"{path} holds no messages")
+        raise ValueError(f"{path} holds no messages" + (f" that can be read ({damage})" if damage else ""))
     arr = lambda x: np.asarray(x, dtype=float)  # noqa: E731
-    return {"complete": complete, "counts": dict(counts), "duration_s": max(
+    return {"complete": complete and damage is None, "damage": damage, "counts": dict(counts), "duration_s": max(
                 [0.0, *js_t[-1:], *cmd_t[-1:], *loop_t[-1:], *vel_t[-1:]]),
             "js_t": arr(js_t), "q": arr(js_q), "dq": arr(js_dq), "tau": arr(js_tau), "joint_names": joint_names or [],
             "cmd_t": arr(cmd_t), "q_target": arr(cmd_q), "cmd_names": cmd_names,
@@ -152,6 +161,7 @@ def summarize(d: dict) -> dict:
     last = {k: _finite(v[-1]) for k, v in loop.items() if len(v)}
     return {
         "complete": d["complete"],   # false: the recorder did not close it; read up to its last whole chunk
+        "damage": d["damage"],       # what stopped the reading of a damaged file (None: nothing)
         "duration_s": round(d["duration_s"], 3),
         "messages": d["counts"],
         "rate_hz": {k: round(n / d["duration_s"], 2) for k, n in d["counts"].items()} if d["duration_s"] > 0 else {},
@@ -271,7 +281,10 @@ def report(recording: str | Path, out: str | Path | None = None) -> dict:
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     fmt = lambda v, unit: "n/a" if v is None else f"{v:.1f} {unit}"  # noqa: E731
     print(f"recording {recording}: {summary['duration_s']:.2f} s")
-    if not summary["complete"]:
+    if summary["damage"]:
+        n = sum(summary["messages"].values())
+        print(f"  (damaged: read up to the damage, after {n} messages: {summary['damage']})")
+    elif not summary["complete"]:
         print("  (not closed by the recorder - it was killed or lost power: read up to its last whole chunk)")
     for topic, n in sorted(summary["messages"].items()):
         print(f"  {topic:28s} {n:7d} messages ({summary['rate_hz'].get(topic, 0):.1f} Hz)")

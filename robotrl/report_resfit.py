@@ -23,6 +23,10 @@ def _run(path: Path) -> dict:
         raise FileNotFoundError(f"{path} is not a run folder: it has no {' or '.join(missing)} "
                                 "(robotrl train writes both)")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
+    from robotrl.offpolicy import is_offpolicy
+    if not is_offpolicy(cfg["algo"]["name"]):   # its metrics have no success-rate evaluations
+        raise ValueError(f"{path} is an algo={cfg['algo']['name']} run; this report compares bc, resfit, rlpd and "
+                         "resppo runs by their success rate (walking runs: robotrl compare runs=[…])")
     cols = read_csv(path / "metrics.csv")
     steps, succ = cols.get("env_steps", []), cols.get("eval/success_rate", [])
     pts = [(s, v) for s, v in zip(steps, succ) if not math.isnan(v)]
@@ -41,9 +45,11 @@ def report(runs: list[str], out: str | Path = "runs/report", title: str = "") ->
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not runs:
+        raise ValueError("report needs runs=<run dir>,<run dir>,… (bc, resfit, rlpd, resppo runs)")
+    rows = [_run(Path(r)) for r in runs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_run(Path(r)) for r in runs]
     xmax = max([r["env_steps"] for r in rows] + [1])
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:

@@ -64,6 +64,8 @@ def test_a_new_run_into_an_existing_runs_folder_is_refused(run, capsys):
     assert main(["train", *TINY, f"run_dir={run}"]) == 2
     assert f"run_dir={run} already holds a run: continue it with resume={run}" in capsys.readouterr().err
     assert ((run / "checkpoints" / "last.pt").stat().st_mtime_ns, (run / "metrics.csv").read_text()) == before
+    assert main(["report", f"runs={run}", f"out={run}/report"]) == 2   # success-rate report: tabletop runs only
+    assert "is an algo=ppo run; this report compares bc, resfit" in capsys.readouterr().err
     assert any((run / "tb").iterdir())
     assert (run / "rollout.mp4").stat().st_size > 1000
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -320,6 +322,8 @@ def test_resume_after_kill(tmp_path, capsys):
     (["bench", "loop", "--artifact", "/nonexistent.pt"], "artifact not found: /nonexistent.pt"),
     (["compare", f"artifacts=[{ARTIFACTS / 'arm_lift_resfit.pt'}]", "out=/tmp/robotrl_test_compare"],
      "arm_lift_resfit.pt is a policy for task arm_lift; compare reports power and velocity tracking"),
+    (["report", "runs=,"], "report needs runs=<run dir>"),
+    (["report", f"runs={Path(__file__).parents[2] / 'configs'}"], "configs is not a run folder"),
     (["report", "runs=/nonexistent"], "/nonexistent is not a run folder: it has no config.yaml or metrics.csv"),
     (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.onnx'}"], "kid_biped_walk_eco.onnx is an exported artifact"),
     (["export", f"run={ARTIFACTS / 'kid_biped_walk_eco.pt'}"], "kid_biped_walk_eco.pt is an exported artifact, not a "

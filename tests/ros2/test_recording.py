@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from geometry_msgs.msg import Twist
 
 from robotrl.cli import main as cli_main
+from robotrl.report import load
 from hil_rig import FIRMWARE_WATCHDOG_MS, REPO, SPEC, TIMING, free_udp_port
 
 SIM = REPO / "launch" / "sim.launch.yaml"
@@ -62,6 +64,21 @@ def test_record_sim_graph_and_report(hil, artifact, tmp_path):
         assert summary[key] is not None and math.isfinite(summary[key]), (key, summary[key])
     assert summary["max_abs_torque_nm"] > 0
     assert any(m["mode"] == "RUNNING" for m in summary["policy_modes"]) or summary["policy_modes"], summary
+
+    # Damaged on disk: reported up to the damage, saying so; too short to hold a message: named.
+    data = bytearray(rec.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\xff" * 64
+    damaged = tmp_path / "damaged.mcap"
+    damaged.write_bytes(bytes(data))
+    assert cli_main(["report", str(damaged), f"out={tmp_path / 'damaged'}"]) == 0
+    partial = json.loads((tmp_path / "damaged" / "summary.json").read_text())
+    assert partial["complete"] is False and partial["damage"]
+    assert 0 < sum(partial["messages"].values()) < sum(counts.values())
+    stub = tmp_path / "stub.mcap"
+    stub.write_bytes(rec.read_bytes()[:20])
+    with pytest.raises(ValueError, match="stub.mcap holds no messages that can be read"):
+        load(stub)
 
 
 def test_a_killed_recorders_file_is_read_up_to_its_last_flush(hil, tmp_path):
