@@ -1,6 +1,7 @@
 """Writing files so that nothing is lost: every file the stack writes whole (checkpoints, artifacts,
-reports, the firmware's applied-command log, latency traces) goes through `atomic_write`. It lives
-here, at the bottom of the stack above the wire, so that `real/`, `sim/`, the ROS 2 nodes and
+reports, the firmware's applied-command log, latency traces) goes through `atomic_write`, and
+where a command or node will write is checked before its work (`output_place`). It lives here,
+at the bottom of the stack above the wire, so that `real/`, `sim/`, the ROS 2 nodes and
 `robotrl/` all use the one writer."""
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ def save_arrays(path: str | Path, **arrays) -> Path:
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
+
+
+def output_place(path: str | Path | None, key: str, folder: bool = False) -> Path | None:
+    """`key=path`, a file (or a folder) a command will write, checked before the command's work
+    starts, so that an hour of training or evaluation does not end in an error about where its
+    results go. Nothing is created here; an option not given (None, "") passes as None."""
+    if not path:
+        return None
+    path = Path(path)
+    where = path if folder else path.parent
+    existing = next(p for p in (where, *where.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{key}={path}: {existing} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{key}={path} is a folder; {key} names a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={path}: {existing} is not writable")
+    return path

@@ -164,6 +164,8 @@ def _read(path: Path):
         return yaml.safe_load(path.read_text())
     except OSError as e:
         raise LaunchFileError(f"cannot read launch file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise LaunchFileError(f"{path} is not a launch file: it is not text (a YAML launch file is)") from None
     except yaml.YAMLError as e:
         raise LaunchFileError(f"{path} is not valid YAML: {e}") from None
 

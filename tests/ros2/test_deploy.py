@@ -73,6 +73,8 @@ def test_unknown_executable_and_cli_errors(capsys):
     assert "argument 'artifact' is required" in capsys.readouterr().err
     assert cli_main(["deploy", str(SIM), "artifact:=x.pt", "--print"]) == 0
     assert "[policy] " in capsys.readouterr().out
+    assert cli_main(["deploy", str(REPO / "docs" / "artifacts" / "kid_biped_walk_eco.pt")]) == 2   # not text
+    assert "kid_biped_walk_eco.pt is not a launch file: it is not text" in capsys.readouterr().err
 
 
 def test_sim_in_the_loop_through_robotrl_deploy(hil, artifact, tmp_path):
@@ -170,6 +172,20 @@ def test_policy_node_refuses_bad_configuration(hil, artifact):
     procs = {says: subprocess.Popen(NodeSpec("robotrl_ros", "policy_node", "policy", params=list(
         {"artifact": str(artifact), **params}.items())).command(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for says, params in cases.items()}   # all at once: torch loads slowly
+    for says, proc in procs.items():
+        output = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 1 and f"refusing to start: {says}" in output, output
+
+
+def test_recorder_and_firmware_refuse_bad_parameters_by_name(hil, tmp_path):
+    """A recording path that cannot be written is refused at start, not when the graph stops and
+    the recording is lost; a parameter of the wrong type is named, not rclpy's traceback."""
+    cases = {f"path={tmp_path} is a folder; path names a file": NodeSpec(
+                 "robotrl_ros", "recorder_node", "recorder", params=[("path", f"'{tmp_path}'")]),
+             "parameter 'world_seed' must be an integer": NodeSpec(
+                 "robotrl_ros", "firmware_node", "firmware", params=[("world_seed", "x")])}
+    procs = {says: subprocess.Popen(spec.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for says, spec in cases.items()}
     for says, proc in procs.items():
         output = proc.communicate(timeout=90)[0]
         assert proc.returncode == 1 and f"refusing to start: {says}" in output, output

@@ -11,6 +11,7 @@ from typing import Callable
 import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.experimental import EventsExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -70,7 +71,11 @@ class RobotNode(Node):
         floating = isinstance(default, float)
         # Doubles accept an integer override (`ramp_s:=1`), which rclpy would refuse as the wrong type.
         desc = ParameterDescriptor(description=description, read_only=True, dynamic_typing=floating)
-        value = self.declare_parameter(name, default, desc).value
+        try:
+            value = self.declare_parameter(name, default, desc).value
+        except InvalidParameterTypeException as e:   # world_seed:=x for an integer: rclpy's traceback
+            kind = {bool: "true or false", int: "an integer", str: "a string"}.get(type(default), "a list")
+            raise ConfigError(f"parameter '{name}' must be {kind}: {e}") from None
         if floating:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"parameter '{name}' must be a number, got {value!r}")

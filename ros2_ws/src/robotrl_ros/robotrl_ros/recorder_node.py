@@ -22,7 +22,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Float64MultiArray, UInt8
 
-from robotrl_ros.common import RobotNode, run
+from real.files import output_place
+from robotrl_ros.common import ConfigError, RobotNode, run
 from robotrl_ros.messages import CONTROL_QOS, LATCHED_QOS, TOPICS
 
 # key -> (type, QoS the recorder subscribes with: best effort matches any publisher)
@@ -100,6 +101,10 @@ class RecorderNode(RobotNode):
     def __init__(self):
         super().__init__("recorder")
         self.path = Path(self.param("path", "", "write the recording to this .mcap file", bool, "a file path"))
+        try:   # refused now, not when the graph stops and the recording would be lost
+            output_place(self.path, "path")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.flush_s = self.param("flush_s", 1.0, "write buffered messages to disk at least this often (s)",
                                   lambda v: v > 0, "> 0")
         topics = self.topic_params(RECORDED)
