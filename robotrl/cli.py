@@ -277,6 +277,11 @@ def cmd_operate(args: list[str]) -> None:
     opts, _ = parse_pairs(args[1:] if action else args, {"node": "policy", "wait": "10", "cmd_vel": None,
                                                          "goal": None, "robot": None})
     wait_s = number_option(opts, "wait", integer=False)
+    asked = [a for a in (action, opts["cmd_vel"] and "cmd_vel=", opts["goal"] and "goal=") if a]
+    if len(asked) > 1:   # one request per call: the others would be dropped without a word
+        raise UsageError(f"operate does one thing per call, got {' and '.join(asked)}")
+    if not re.fullmatch(r"/?[A-Za-z_][\w/]*", opts["node"]):
+        raise UsageError(f"node={opts['node']}: a ROS 2 node name (letters, digits, _ and / namespaces)")
     if action:
         print(call(action, opts["node"], wait_s))
     elif opts["cmd_vel"]:

@@ -221,6 +221,9 @@ def test_operate_says_what_is_wrong(hil, capsys, monkeypatch):
              ("goal=[0.4,0.1,0]",): "goal needs robot=<name>",
              ("cmd_vel=[0.2,0]",): "cmd_vel must be 3 finite numbers like [0,0,0]",
              ("cmd_vel=[0.2,0,0]", "node=walker", "wait=1"): "node 'walker' did not subscribe to cmd_vel within 1 s",
+             ("start", "cmd_vel=[0.2,0,0]"): "operate does one thing per call, got start and cmd_vel=",
+             ("start", "node=bad/name!"): "node=bad/name!: a ROS 2 node name",
+             ("start", "wait=inf"): "wait must be a number >= 0, got 'inf'",
              (): "operate needs one of start, damp, estop, reset"}
     for args, says in cases.items():
         assert cli_main(["operate", *args]) == 2, args
