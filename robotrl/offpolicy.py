@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from robotrl.algos import typed_config
 from robotrl.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
 from robotrl.files import write_text
 from robotrl.logging import MetricsLogger, plot_curves
@@ -57,7 +58,7 @@ def algo_config(raw: dict):
     reg = algo_registry()
     if raw.get("name") not in reg:
         raise ValueError(f"unknown algo '{raw.get('name')}'; available here: {', '.join(sorted(reg))}")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(reg[raw["name"]]), raw))
+    return typed_config(reg[raw["name"]], raw)
 
 
 def _task_cfg(cfg: DictConfig):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from robotrl.algos import typed_config
 from robotrl.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
 from robotrl.files import write_text
 from robotrl.logging import MetricsLogger, plot_curves
@@ -30,8 +31,7 @@ def algo_config(raw: dict):
     reg = algo_registry()
     if name not in reg:
         raise ValueError(f"unknown algo '{name}'; available: {', '.join(sorted(reg))}")
-    merged = OmegaConf.merge(OmegaConf.structured(reg[name][1]), raw)
-    return OmegaConf.to_object(merged)
+    return typed_config(reg[name][1], raw)
 
 
 def build(cfg: DictConfig, num_envs: int | None = None):

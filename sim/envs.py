@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from real.robot_spec import CONFIG_DIR, available_robots
 
@@ -63,6 +63,8 @@ def task_config(name_or_cfg: str | dict | DictConfig, **overrides: Any):
         keys = [f.name for f in dataclasses.fields(e.object_type)]
         raise ValueError(f"task.{e.full_key}: no such key in task {name}"
                          f"{' ' + parent if parent else ''}; its keys: {', '.join(keys)}") from None
+    except ValidationError as e:   # a value of the wrong type: omegaconf names the field without its task.
+        raise ValueError(f"task.{e.full_key}: {str(e.msg).splitlines()[0]}") from None
     return OmegaConf.to_object(merged)
 
 
