@@ -49,7 +49,6 @@ class UsageError(ValueError):
 def parse_pairs(args: list[str], allowed: dict[str, object]) -> tuple[dict, list[str]]:
     """key=value pairs for the non-Hydra commands; keys with a dot pass through as task overrides."""
     out, passthrough = dict(allowed), []
-    given_twice(args)
     for a in args:
         if "=" not in a:
             raise UsageError(f"expected key=value, got '{a}'")
@@ -61,14 +60,6 @@ def parse_pairs(args: list[str], allowed: dict[str, object]) -> tuple[dict, list
         else:
             raise UsageError(f"unknown option '{k}'; allowed: {', '.join(sorted(allowed))} (or task.<key>=…)")
     return out, passthrough
-
-
-def given_twice(args: list[str]) -> None:
-    """Refuse a key given twice: one of the two values would be dropped without a word."""
-    keys = [a.split("=", 1)[0] for a in args if "=" in a]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise UsageError(f"{', '.join(twice)} given more than once; give each key once")
 
 
 def number_option(opts: dict, key: str, least: float = 0, integer: bool = True) -> int | float:
@@ -100,7 +91,6 @@ def compose_train_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     fixed = [("task.robot=" + o.split("=", 1)[1]) if o.startswith("robot=") else o for o in overrides]
-    given_twice(fixed)
     for o in fixed:
         for group in ("task", "algo"):
             if o.startswith(group + "="):
@@ -158,10 +148,9 @@ def cmd_train(args: list[str]) -> Path:
     from robotrl.runner import train
     from real.robot_spec import available_robots
     from robotrl.offpolicy import is_offpolicy
-    given_twice(args)
     resumes = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if resumes == [""]:
-        raise UsageError("resume= takes a run folder or checkpoint, got none")
+    if len(resumes) > 1 or resumes == [""]:
+        raise UsageError(f"resume= takes one run folder or checkpoint, got {resumes}")
     resume = resumes[0] if resumes else None
     ckpt = None
     if resume:   # the run's own algo decides which runner goes on with it
