@@ -66,11 +66,8 @@ def test_record_sim_graph_and_report(hil, artifact, tmp_path):
     assert any(m["mode"] == "RUNNING" for m in summary["policy_modes"]) or summary["policy_modes"], summary
 
     # Damaged on disk: reported up to the damage, saying so; too short to hold a message: named.
-    data = bytearray(rec.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = b"\xff" * 64
     damaged = tmp_path / "damaged.mcap"
-    damaged.write_bytes(bytes(data))
+    damage_a_middle_chunk(rec, damaged)
     assert cli_main(["report", str(damaged), f"out={tmp_path / 'damaged'}"]) == 0
     partial = json.loads((tmp_path / "damaged" / "summary.json").read_text())
     assert partial["complete"] is False and partial["damage"]
@@ -79,6 +76,30 @@ def test_record_sim_graph_and_report(hil, artifact, tmp_path):
     stub.write_bytes(rec.read_bytes()[:20])
     with pytest.raises(ValueError, match="stub.mcap holds no messages that can be read"):
         load(stub)
+
+
+def damage_a_middle_chunk(rec, out) -> None:
+    """`rec` copied into `out` in small chunks, with bytes of its middle chunk overwritten (a disk
+    error): every copy then has chunks before the damage, wherever the recording's own ended."""
+    from mcap.reader import make_reader
+    from mcap.writer import Writer
+    with open(rec, "rb") as f, open(out, "wb") as g:
+        writer, ids = Writer(g, chunk_size=4096), {}
+        writer.start("ros2", "robotrl test")
+        for schema, channel, message in make_reader(f).iter_messages():
+            if channel.id not in ids:
+                sid = writer.register_schema(schema.name, schema.encoding, schema.data)
+                ids[channel.id] = writer.register_channel(channel.topic, channel.message_encoding, sid)
+            writer.add_message(ids[channel.id], message.log_time, message.data, message.publish_time)
+        writer.finish()
+    with open(out, "rb") as f:
+        chunks = sorted(make_reader(f).get_summary().chunk_indexes, key=lambda c: c.chunk_start_offset)
+    assert len(chunks) >= 3, len(chunks)
+    middle = chunks[len(chunks) // 2]
+    data = bytearray(out.read_bytes())
+    at = middle.chunk_start_offset + middle.chunk_length // 2
+    data[at:at + 64] = b"\xff" * 64
+    out.write_bytes(bytes(data))
 
 
 def test_a_killed_recorders_file_is_read_up_to_its_last_flush(hil, tmp_path):
