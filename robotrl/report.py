@@ -44,27 +44,29 @@ def _messages(path: Path) -> tuple[Iterator, bool]:
     in file order, which is the order the recorder wrote the messages as they arrived."""
     from mcap.exceptions import InvalidMagic, McapError
     from mcap.reader import make_reader
-    from mcap_ros2.reader import read_ros2_messages
     with open(path, "rb") as f:
         try:
             make_reader(f).get_summary()   # a closed recording ends with its summary and footer
         except InvalidMagic:
             raise ValueError(f"{path} is not an MCAP recording (it does not begin with MCAP's magic bytes)") from None
         except (McapError, struct.error, OSError):   # no footer, or shorter than one (a seek before the start)
-            return _up_to_the_cut(path), False
-    return read_ros2_messages(str(path)), True
+            return _read(path, complete=False), False
+    return _read(path, complete=True), True
 
 
-def _up_to_the_cut(path: Path) -> Iterator:
+def _read(path: Path, complete: bool) -> Iterator:
+    """Each chunk's CRC is checked, so bytes damaged on disk stop the reading (load says where)
+    rather than decode into wrong values."""
     from mcap.exceptions import EndOfFile
-    from mcap.reader import NonSeekingReader
+    from mcap.reader import NonSeekingReader, SeekingReader
     from mcap_ros2.decoder import DecoderFactory
     from mcap_ros2.reader import read_ros2_messages
     with open(path, "rb") as f:
+        reader = (SeekingReader if complete else NonSeekingReader)(f, validate_crcs=True,
+                                                                   decoder_factories=[DecoderFactory()])
         try:
-            yield from read_ros2_messages(NonSeekingReader(f, decoder_factories=[DecoderFactory()]),
-                                          log_time_order=False)
-        except EndOfFile:   # the cut: what came before it is whole
+            yield from read_ros2_messages(reader, log_time_order=complete)
+        except EndOfFile:   # the cut of an unclosed recording: what came before it is whole
             return
 
 
