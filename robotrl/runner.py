@@ -118,9 +118,10 @@ def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
                    **{k: v / algo.cfg.steps_per_env for k, v in info_sums.items()}, **stats}
         falls = episodes = 0
         logger.log(env_steps, metrics)
-        power_w = metrics["train/power_w"]
-        bar.set_postfix(ret=f"{metrics['train/episode_return']:.2f}", **({} if np.isnan(power_w) else {
-            "P": f"{power_w:.1f}W"}), refresh=False)   # shown by the update, at the bar's own interval
+        postfix = {"ret": f"{metrics['train/episode_return']:.2f}"}
+        if not np.isnan(metrics["train/power_w"]):   # walking tasks
+            postfix["P"] = f"{metrics['train/power_w']:.1f}W"
+        bar.set_postfix(postfix, refresh=False)   # shown by the update, at the bar's own interval
         bar.update(per_iter)
         if iteration % cfg.checkpoint_every == 0 or iteration == total_iters:
             save_checkpoint({"model": algo.model.state_dict(), "algo_state": algo.training_state(),
