@@ -97,7 +97,9 @@ def test_arm_lifts_the_cube_through_the_sim_graph(hil, tmp_path, suffix):
     wait_for(held, cfg.episode_s + 2.0, f"the cube to be lifted by {cfg.lift_height} m",
              lambda: watch.what_happened(hil, t0, lifted, hil.output))
     assert hil.policy() == "RUNNING"
-    assert len(watch.since(t0)) > 0.5 * 30 * (time.monotonic() - t0), "object_pose arrives at its rate"
+    # 30 Hz nominal; at least 12 Hz (the policy's 0.2 s max_object_age needs 5): a loaded 2-core CI
+    # machine was measured at 14-15 Hz over these ~2 s in two runs (real-time physics falls behind).
+    assert len(watch.since(t0)) > 0.4 * 30 * (time.monotonic() - t0), "object_pose arrives at its rate"
     for graph, _ in hil.graphs:
         graph.stop()
     check_applied(log)
