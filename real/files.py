@@ -42,12 +42,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def save_arrays(path: str | Path, **arrays) -> Path:
-    """Named arrays as one .npz file, written atomically. Written through an open file, so numpy
-    does not append `.npz` to a name that lacks it: the file is exactly `path`."""
+def save_arrays(path: str | Path, arrays: dict, compressed: bool = False) -> Path:
+    """Named arrays as one .npz file (zip-compressed if `compressed`), written atomically. Written
+    through an open file, so numpy does not append `.npz` to a name that lacks it: the file is
+    exactly `path`."""
     import numpy as np
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
     return Path(path)
 
 

@@ -186,10 +186,6 @@ def cmd_train(args: list[str]) -> Path:
     if is_offpolicy(cfg.algo.name):  # bc, resfit and its baselines: the offline/off-policy runner
         from robotrl.offpolicy import train as train_offpolicy
         return train_offpolicy(cfg)
-    if cfg.task.get("action_type") == "delta":   # the on-policy artifact maps an action to targets, statelessly
-        raise UsageError(f"algo={cfg.algo.name} exports policies whose action is the joint target; task "
-                         f"{cfg.task.name}'s action is a step of it (task.action_type=delta): set "
-                         "task.action_type=absolute, or train it with algo=bc, resfit, rlpd or resppo")
     return train(cfg, ckpt)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from robotrl.files import atomic_write, write_text
+from robotrl.files import save_arrays, write_text
 
 FORMAT = "robotrl-demos"
 FORMAT_VERSION = 1
@@ -103,15 +103,14 @@ class Demos:
 
 
 def save_demos(demos: Demos, path: str | Path) -> Path:
-    """Write atomically: a temp file in the same folder, then rename (readers never see half a file)."""
+    """Written atomically (real.files): readers never see half a file."""
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_suffix(".npz")
     demos.validate(str(path))
     arrays = {k: getattr(demos, k) for k in PER_STEP + PER_EPISODE}
     header = json.dumps(demos.header, indent=1, default=str)
-    with atomic_write(path) as tmp:
-        np.savez_compressed(tmp, header=np.array(header), **arrays)
+    save_arrays(path, {"header": np.array(header), **arrays}, compressed=True)
     write_text(path.with_suffix(".json"), header)
     return path
 

@@ -73,6 +73,7 @@ def evaluate_artifact(path: str | Path, episodes: int = 10, out: str | Path | No
     here = json.loads(json.dumps(env.task.manifest(), default=lambda x: x.tolist()))
     for section in ("observation", "action"):   # the overrides are for the world, not for the policy's inputs
         if (found := _what_differs(art.manifest[section], here[section], section)) is not None:
+            env.close()   # its physics threads
             raise ValueError(f"{' '.join(overrides or [])}: changes what the artifact was trained to see or do "
                              f"({found}); eval's task.* overrides may change the physics, randomisation and "
                              "delays, not the observation or the action")

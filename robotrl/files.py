@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from real.files import atomic_write, output_place, write_text
+from real.files import atomic_write, output_place, save_arrays, write_text
 
-__all__ = ["atomic_write", "write_text", "output_place", "save_figure"]
+__all__ = ["atomic_write", "write_text", "save_arrays", "output_place", "save_figure"]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

@@ -57,6 +57,10 @@ def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         run_dir = run_dir_of(resume)
         saved.run_dir = str(run_dir)
         cfg = saved
+    if cfg.task.get("action_type") == "delta":   # before anything is written: the artifact maps action to target
+        raise ValueError(f"algo={cfg.algo.name} exports policies whose action is the joint target; task "
+                         f"{cfg.task.name}'s action is a step of it (task.action_type=delta): set "
+                         "task.action_type=absolute, or train it with algo=bc, resfit, rlpd or resppo")
     init_lr = cfg.get("init_lr", "source")   # runs saved before the key resume with its default
     if init_lr not in ("source", "config"):
         raise ValueError(f"init_lr must be 'source' or 'config', got '{init_lr}'")

@@ -261,8 +261,8 @@ class SimulatedFirmware:
     def save_log(self, path: str) -> None:
         """The applied-command log as .npz arrays (t, seq, q_target, kp, kd, tau_ff), written whole."""
         log = self.applied_commands()
-        save_arrays(path, joint_names=np.array(self.spec.joint_names),
-                    **{f: np.array([getattr(c, f) for c in log]) for f in AppliedCommand._fields})
+        save_arrays(path, {"joint_names": np.array(self.spec.joint_names),
+                           **{f: np.array([getattr(c, f) for c in log]) for f in AppliedCommand._fields}})
 
 
 class EmulatedFirmware:

@@ -39,7 +39,7 @@ def save_trace(name: str, rows: list, columns: tuple[str, ...]) -> None:
     """Write the trace rows (tuples of int64) to $ROBOTRL_LATENCY_TRACE/<name>.npz, one array per column."""
     import numpy as np
     data = np.array(rows, dtype=np.int64).reshape(-1, len(columns))
-    save_arrays(os.path.join(trace_dir(), f"{name}.npz"), **{c: data[:, i] for i, c in enumerate(columns)})
+    save_arrays(os.path.join(trace_dir(), f"{name}.npz"), {c: data[:, i] for i, c in enumerate(columns)})
 
 
 class ConfigError(ValueError):
