@@ -145,9 +145,12 @@ def parity_error(path: str | Path, obs: np.ndarray, reference: Callable[[torch.T
     x = np.asarray(obs, dtype=np.float32)
     starts = np.zeros(len(x), dtype=bool) if episode_starts is None else episode_starts
     out = []
-    for i in range(len(x)):
-        if starts[i] or i == 0:
-            art.reset()
-        out.append(art.act(x[i]))
-    want = reference(torch.as_tensor(x)).numpy()
+    with torch.random.fork_rng():   # a sampling policy (diffusion) draws the same noise on both sides
+        torch.manual_seed(0)
+        for i in range(len(x)):
+            if starts[i] or i == 0:
+                art.reset()
+            out.append(art.act(x[i]))
+        torch.manual_seed(0)
+        want = reference(torch.as_tensor(x)).numpy()
     return float(np.abs(np.stack(out) - want).max())

@@ -1,11 +1,12 @@
-"""Behaviour cloning with action chunking: the frozen base policy of ResFiT.
+"""Behaviour cloning with action chunking: the frozen base policy of ResFiT, and DiWA's diffusion policy.
 
 Top to bottom: the config; the fixed normaliser (observation mean/std and action min/max from
 the demos, the action range widened by (1 + action_scale) so the base fills about ±0.83 and a
-residual has room up to ±1); two chunk policies (an MLP, and an ACT-style small transformer:
-observation tokens -> encoder, `chunk` learned queries -> decoder; no CVAE latent); the chunk
-queue that executes `execute` actions open-loop before asking for the next chunk; and the BC
-loss (L1 on normalised actions, masked past the end of an episode).
+residual has room up to ±1); three chunk policies (an MLP; an ACT-style small transformer:
+observation tokens -> encoder, `chunk` learned queries -> decoder, no CVAE latent; and a DDPM
+over the chunk); the chunk queue that executes `execute` actions open-loop before asking for
+the next chunk; and the BC loss (L1 on normalised actions, or the diffusion policy's noise
+prediction error, masked past the end of an episode), with an optional weight average (EMA).
 
 Default: chunk 10 at 25 Hz (0.4 s), all 10 executed open-loop. Everything in the modules below
 is TorchScript-compatible: the same ChunkQueue runs in training (batched over environments)
@@ -13,6 +14,7 @@ and inside the exported artifact (one environment).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import List, Optional
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from robotrl.algos import require_finite
 
-POLICIES = ("mlp", "act")
+POLICIES = ("mlp", "act", "diffusion")
 
 
 @dataclasses.dataclass
@@ -31,14 +33,17 @@ class BCConfig:
     demos: Optional[str] = None      # path of a `robotrl demos` .npz file (required)
     max_demos: Optional[int] = None  # use only the first N episodes (a deliberately weak base: few demos)
     successes_only: bool = True      # drop the failed episodes a dataset may hold
-    policy: str = "mlp"              # mlp | act
+    policy: str = "mlp"              # mlp | act | diffusion
     chunk: int = 10                  # actions predicted per chunk (0.4 s at 25 Hz)
     execute: int = 10                # actions executed open-loop from each chunk before re-planning (<= chunk)
     action_scale: float = 0.2        # demo min/max widened by (1 + action_scale) -> base fills ±1/1.2
     min_obs_std: float = 0.1         # floor of the observation std (a near-constant demo feature must not
                                      # blow up online)
     min_action_range: float = 0.1    # floor of (max - min) per action dimension
-    hidden: List[int] = dataclasses.field(default_factory=lambda: [512, 512])   # mlp
+    hidden: List[int] = dataclasses.field(default_factory=lambda: [512, 512])   # mlp; diffusion: equal widths
+    denoise_steps: int = 20          # diffusion: DDPM steps K
+    ema: float = 0.0                 # decay of an exponential moving average of the weights that is
+                                     # evaluated and exported (0: off; diffusion policies: 0.995)
     d_model: int = 128               # act
     n_heads: int = 4
     enc_layers: int = 2
@@ -70,6 +75,13 @@ class BCConfig:
                 raise ValueError(f"algo.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ValueError(f"algo.lr must be > 0, got {self.lr}")
+        if self.policy == "diffusion" and (not self.hidden or len(set(self.hidden)) != 1):
+            raise ValueError(f"algo.hidden of a diffusion policy is residual blocks of one width, e.g. [512,512,512]; "
+                             f"got {list(self.hidden)}")
+        if self.denoise_steps < 1:
+            raise ValueError(f"algo.denoise_steps must be >= 1, got {self.denoise_steps}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"algo.ema must be in [0, 1), got {self.ema}")
         if self.d_model % self.n_heads:
             raise ValueError(f"algo.d_model ({self.d_model}) must be divisible by algo.n_heads ({self.n_heads})")
 
@@ -170,9 +182,86 @@ class ActChunk(nn.Module):
         return self.head(self.ln(x))
 
 
+def cosine_alpha_bars(steps: int, s: float = 0.008) -> torch.Tensor:
+    """ᾱ_k of the cosine noise schedule (Nichol & Dhariwal), k = 1..steps, each step's β ≤ 0.999."""
+    t = torch.linspace(0, steps, steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((t + s) / (1 + s) * torch.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.Mish(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class DiffusionChunk(nn.Module):
+    """A DDPM over a chunk of normalised actions, conditioned on the normalised observation
+    (Diffusion Policy; DiWA's base): ε-prediction, cosine schedule, K denoising steps, an MLP of
+    residual blocks on [noisy chunk, observation, step embedding]. Sampling starts from N(0, I);
+    each step's predicted clean chunk is clipped to [-1, 1]. `forward` samples (one draw from the
+    global torch generator per step: seed it for a reproducible chunk); `denoise` is one step of
+    the chain as a Gaussian (mean, std), the form a policy gradient over the chain needs."""
+
+    def __init__(self, obs_size: int, action_size: int, chunk: int, hidden: List[int], denoise_steps: int,
+                 step_dim: int = 32):
+        super().__init__()
+        self.chunk, self.action_size, self.steps = chunk, action_size, denoise_steps
+        ab = cosine_alpha_bars(denoise_steps)
+        ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+        beta = 1 - ab / ab_prev
+        for name, value in {"sqrt_ab": ab.sqrt(), "sqrt_1m_ab": (1 - ab).sqrt(),
+                            "coef_x0": beta * ab_prev.sqrt() / (1 - ab),               # posterior mean of
+                            "coef_xk": (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab),   # x_{k-1} given x_k, x0
+                            "post_std": (beta * (1 - ab_prev) / (1 - ab)).sqrt(),
+                            "freqs": torch.exp(-torch.arange(step_dim // 2) * (9.21 / (step_dim // 2 - 1)))}.items():
+            self.register_buffer(name, value.float())
+        width, n = hidden[0], chunk * action_size
+        self.inp = nn.Linear(n + obs_size + step_dim, width)
+        self.blocks = nn.Sequential(*[ResBlock(width) for _ in hidden])
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, n))
+
+    def eps(self, x: torch.Tensor, k: torch.Tensor, obs_n: torch.Tensor) -> torch.Tensor:
+        """The noise in x [B, chunk·A] at steps k [B] (0-based: k = 0 is the last, least noisy)."""
+        angle = k.float()[:, None] * self.freqs
+        h = self.inp(torch.cat([x, obs_n, torch.sin(angle), torch.cos(angle)], dim=1))
+        return self.out(self.blocks(h))
+
+    @torch.jit.export
+    def denoise(self, x: torch.Tensor, k: int, obs_n: torch.Tensor):
+        """p(x_{k-1} | x_k) as (mean, std) [B, chunk·A]; std is 0 at the last step (k = 0)."""
+        eps = self.eps(x, torch.full([x.shape[0]], k, dtype=torch.long), obs_n)
+        x0 = torch.clamp((x - self.sqrt_1m_ab[k] * eps) / self.sqrt_ab[k], -1.0, 1.0)
+        return self.coef_x0[k] * x0 + self.coef_xk[k] * x, self.post_std[k].expand_as(x)
+
+    def forward(self, obs_n: torch.Tensor) -> torch.Tensor:
+        B = obs_n.shape[0]
+        x = torch.randn([B, self.chunk * self.action_size], device=obs_n.device)
+        for k in range(self.steps - 1, -1, -1):
+            mean, std = self.denoise(x, k, obs_n)
+            x = mean + std * torch.randn_like(mean) if k > 0 else mean
+        return x.reshape(B, self.chunk, self.action_size)
+
+    def denoising_loss(self, obs_n: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                       gen: torch.Generator) -> torch.Tensor:
+        """‖ε − ε̂(√ᾱ_k·a + √(1−ᾱ_k)·ε, k, o)‖² at a random step per row, masked past episode ends."""
+        B = obs_n.shape[0]
+        k = torch.randint(0, self.steps, (B,), generator=gen)
+        noise = torch.randn(target.shape, generator=gen).reshape(B, -1)
+        x = self.sqrt_ab[k, None] * target.reshape(B, -1) + self.sqrt_1m_ab[k, None] * noise
+        err = (self.eps(x, k, obs_n) - noise).pow(2).reshape(target.shape).mean(-1)
+        return (err * mask).sum() / mask.sum()
+
+
 def make_chunk_policy(cfg: BCConfig, obs_size: int, action_size: int) -> nn.Module:
     if cfg.policy == "mlp":
         return MlpChunk(obs_size, action_size, cfg.chunk, cfg.hidden)
+    if cfg.policy == "diffusion":
+        return DiffusionChunk(obs_size, action_size, cfg.chunk, cfg.hidden, cfg.denoise_steps)
     return ActChunk(obs_size, action_size, cfg.chunk, cfg.d_model, cfg.n_heads, cfg.enc_layers, cfg.dec_layers,
                     cfg.ff, cfg.obs_tokens, cfg.dropout)
 
@@ -281,14 +370,16 @@ class BC:
         self.cfg = cfg
         self.demos = demos
         obs_size, action_size = demos.obs.shape[1], demos.actions.shape[1]
-        self.base = BasePolicy.build(cfg, obs_size, action_size)
+        self.base = BasePolicy.build(cfg, obs_size, action_size).eval()
         self.base.norm.fit(demos.obs, demos.actions, cfg.action_scale, cfg.min_obs_std, cfg.min_action_range)
         targets, mask = chunk_targets(demos, cfg.chunk)
         with torch.no_grad():
             self.obs_n = self.base.norm.obs(torch.as_tensor(demos.obs))
             self.targets = self.base.norm.action(torch.as_tensor(targets))
         self.mask = torch.as_tensor(mask, dtype=torch.float32)
-        self.opt = torch.optim.AdamW(self.base.chunks.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # What the optimiser trains; with `ema` the base (evaluated, checkpointed, exported) holds the average.
+        self.net = copy.deepcopy(self.base.chunks.policy) if cfg.ema > 0 else self.base.chunks.policy
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.steps, eta_min=cfg.lr * 0.05)
         self.gen = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -297,20 +388,25 @@ class BC:
         obs_n = self.obs_n[idx]
         if self.cfg.obs_noise > 0:
             obs_n = obs_n + self.cfg.obs_noise * torch.randn(obs_n.shape, generator=self.gen)
-        pred = self.base.chunks.policy(obs_n)
-        err = (pred - self.targets[idx]).abs().mean(-1)          # L1 per (step, chunk entry)
+        if isinstance(self.net, DiffusionChunk):
+            return self.net.denoising_loss(obs_n, self.targets[idx], self.mask[idx], self.gen)
+        err = (self.net(obs_n) - self.targets[idx]).abs().mean(-1)          # L1 per (step, chunk entry)
         m = self.mask[idx]
         return (err * m).sum() / m.sum()
 
     def update(self) -> dict[str, float]:
-        self.base.train()
+        self.net.train()
         idx = torch.randint(0, len(self.obs_n), (self.cfg.batch,), generator=self.gen)
         loss = self.loss(idx)
         self.opt.zero_grad()
         loss.backward()
-        grad = torch.nn.utils.clip_grad_norm_(self.base.chunks.policy.parameters(), self.cfg.grad_clip)
+        grad = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
+        if self.net is not self.base.chunks.policy:
+            with torch.no_grad():
+                for avg, p in zip(self.base.chunks.policy.parameters(), self.net.parameters()):
+                    avg.lerp_(p, 1.0 - self.cfg.ema)
         self.step += 1
-        self.base.eval()
+        self.net.eval()
         return {"loss/bc": loss.item(), "grad_norm": float(grad), "lr": self.sched.get_last_lr()[0]}

@@ -684,6 +684,11 @@ class DeployPolicy(DeployModule):
         self.has_target = False
 
     def pure_tick(self) -> nn.Module:
+        from robotrl.algos.bc import DiffusionChunk
+        if isinstance(self.base.chunks.policy, DiffusionChunk):   # onnxruntime's noise is not torch's
+            raise NotImplementedError("a diffusion chunk policy samples noise in its denoising loop, and its ONNX "
+                                      "graph could not be parity-checked against torch; export it with "
+                                      "format=torchscript")
         return ChunkTick(self)
 
 
