@@ -40,6 +40,11 @@ def build(cfg: DictConfig, num_envs: int | None = None):
     acfg = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
     env = TaskVectorEnv(task_cfg, num_envs=num_envs or cfg.num_envs, nthread=cfg.nthread)
     t = env.task
+    from robotrl.algos.eco import ConstrainedConfig
+    if isinstance(acfg, ConstrainedConfig) and not getattr(t, "measures_energy", False):
+        env.close()
+        raise ValueError(f"algo={acfg.name} constrains the energy the task measures at the physics rate, and task "
+                         f"{task_cfg.name} does not measure it (humanoid_walk does); train it with algo=ppo")
     algo = algo_registry()[acfg.name][0](t.obs_size, t.critic_obs_size, t.action_size, acfg, env.num_envs)
     return env, algo
 
@@ -64,11 +69,11 @@ def train(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     init_lr = cfg.get("init_lr", "source")   # runs saved before the key resume with its default
     if init_lr not in ("source", "config"):
         raise ValueError(f"init_lr must be 'source' or 'config', got '{init_lr}'")
+    torch.manual_seed(cfg.seed)
+    env, algo = build(cfg)   # bad settings are refused before the run folder is written
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)
-    env, algo = build(cfg)
     obs, info = env.reset(seed=cfg.seed)
     critic = info["critic_obs"]
     iteration, env_steps = 0, 0

@@ -123,6 +123,7 @@ REWARDS = {f.__name__: f for f in (track_lin_vel, track_yaw_rate, alive, upright
 
 class HumanoidWalk:
     """Batched task core; sim/envs.py wraps it in the gymnasium Env and VectorEnv APIs."""
+    measures_energy = True   # info["energy_j"]: Σ|τ·q̇| integrated at the physics rate (what ECO constrains)
 
     def __init__(self, cfg: HumanoidWalkConfig, num_envs: int = 1, nthread: int = 1):
         self.cfg = cfg

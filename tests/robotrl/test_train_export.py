@@ -304,6 +304,9 @@ def test_resume_after_kill(tmp_path, capsys):
      "task.name: the artifact was trained on task humanoid_walk"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "video=v.txt"], "video=v.txt: a video file ends in"),
     (["train", "task=arm_lift", "robot=arm7"], r"task arm_lift's action is a step of it \(task.action_type=delta\)"),
+    (["train", "task=arm_lift", "task.action_type=absolute", "algo=eco", "algo.motion=none"],
+     "algo=eco constrains the energy the task measures at the physics rate, and task arm_lift does not measure it"),
+    (["train", "algo.lr=inf", *TINY], "algo.lr must be a finite number, got inf"),
     (["train", "resume="], r"resume= takes one run folder or checkpoint, got \[''\]"),
     (["train", "algo.gamma=abc", *TINY], "algo.gamma: Value 'abc' of type 'str' could not be converted to Float"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[nan,0,0]"], "command must be 3 finite"),
@@ -347,6 +350,8 @@ def test_bad_input_is_named(args, needle, capsys, tmp_path):
     import re
     assert re.search(needle, err), err
     assert "Traceback" not in err
+    if own_run_dir:   # refused before anything is written
+        assert not (tmp_path / "x").exists()
 
 
 def test_init_from_copies_the_policy_and_keeps_new_parts_fresh(run, capsys):
