@@ -45,13 +45,16 @@ class Rows:
 
 def algo_registry() -> dict:
     from robotrl.algos.bc import BCConfig
+    from robotrl.algos.diwa import DiWAConfig
     from robotrl.algos.residual_ppo import ResPPOConfig
     from robotrl.algos.resfit import ResFiTConfig
-    return {"bc": BCConfig, "resfit": ResFiTConfig, "rlpd": ResFiTConfig, "resppo": ResPPOConfig}
+    from robotrl.algos.world_model import WorldModelConfig
+    return {"bc": BCConfig, "resfit": ResFiTConfig, "rlpd": ResFiTConfig, "resppo": ResPPOConfig,
+            "world_model": WorldModelConfig, "diwa": DiWAConfig}
 
 
 def is_offpolicy(name: str) -> bool:
-    return name in ("bc", "resfit", "rlpd", "resppo")
+    return name in ("bc", "resfit", "rlpd", "resppo", "world_model", "diwa")
 
 
 def algo_config(raw: dict):
@@ -177,21 +180,25 @@ def train(cfg: DictConfig) -> Path:
     if name == "resppo":
         from robotrl.algos.residual_ppo import train_residual_ppo
         return train_residual_ppo(cfg)
+    if name in ("world_model", "diwa"):
+        from robotrl.diwa_runner import train_diwa, train_world_model
+        return train_world_model(cfg) if name == "world_model" else train_diwa(cfg)
     return train_resfit(cfg)
 
 
 # ---------------------------------------------------------------- BC (offline)
-def load_training_demos(path: str, task_name: str, obs_size: int, successes_only: bool, max_demos):
+def load_training_demos(path: str, task_name: str, obs_size: int, successes_only: bool, max_demos,
+                        key: str = "algo.demos"):
     from robotrl.datasets import load_demos
     if not path or path == "???":
-        raise ValueError("algo.demos: give a demos file (record one with `robotrl demos task=… n=… out=…`)")
+        raise ValueError(f"{key}: give a demos file (record one with `robotrl demos task=… n=… out=…`)")
     demos = load_demos(path)
     if demos.header["task"] != task_name or demos.obs.shape[1] != obs_size:
-        raise ValueError(f"algo.demos: {path} holds task '{demos.header['task']}' with observations of size "
+        raise ValueError(f"{key}: {path} holds task '{demos.header['task']}' with observations of size "
                          f"{demos.obs.shape[1]}; this run trains task '{task_name}' (observation size {obs_size})")
     demos = demos.select(successes_only, max_demos)
     if demos.num_episodes == 0:
-        raise ValueError(f"algo.demos: no episodes left in {path} after successes_only/max_demos")
+        raise ValueError(f"{key}: no episodes left in {path} after successes_only/max_demos")
     return demos
 
 
@@ -465,14 +472,16 @@ def export_offpolicy(run: str | Path, path: Path) -> Path:
     cfg = OmegaConf.create(ckpt["config"])
     algo = ckpt.get("algo", cfg.algo.name)
     task = make_task(_task_cfg(cfg))
+    if algo == "world_model":
+        raise ValueError(f"{run} is a world model, not a policy: export the algo=diwa run fine-tuned inside it")
     if ckpt.get("parity_obs") is None or len(ckpt["parity_obs"]) == 0:
         raise ValueError(f"{run}: the checkpoint holds no recorded episodes for the parity check (run not finished?)")
-    if algo == "bc":
-        bcfg = algo_config(ckpt["config"]["algo"])
+    if algo in ("bc", "diwa"):   # a chunk policy alone (DiWA's: the fine-tuned diffusion policy)
+        bcfg = algo_config(ckpt["config"]["algo"] if algo == "bc" else ckpt["base_config"])
         base = BasePolicy.build(bcfg, task.obs_size, task.action_size)
         base.load_state_dict(ckpt["model"])
-        actor, policy_info = None, {"family": "bc_chunk", "policy": bcfg.policy, "chunk": bcfg.chunk,
-                                    "execute": bcfg.execute}
+        actor, policy_info = None, {"family": "bc_chunk" if algo == "bc" else "diwa", "policy": bcfg.policy,
+                                    "chunk": bcfg.chunk, "execute": bcfg.execute}
     elif algo in ("resfit", "rlpd", "resppo"):
         c = algo_config(ckpt["config"]["algo"])
         if algo == "resppo":
