@@ -33,12 +33,14 @@ class DatasetError(ValueError):
     """The file is missing, not a demos file, of another format version, or inconsistent."""
 
 
-def make_expert(task, noise: float = 0.0, seed: int | None = None):
+def make_expert(task, noise: float = 0.0, seed: int | None = None, aim: float = 0.0):
     name = task.cfg.name
     if name not in EXPERTS:
         raise ValueError(f"no scripted expert for task '{name}'; available: {', '.join(sorted(EXPERTS))}")
+    if aim and name != "arm_lift":
+        raise ValueError(f"aim= is an option of arm_lift's expert; task '{name}' has none")
     mod, cls = EXPERTS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)(task, noise=noise, seed=seed)
+    return getattr(importlib.import_module(mod), cls)(task, noise=noise, seed=seed, **({"aim": aim} if aim else {}))
 
 
 @dataclasses.dataclass
@@ -140,18 +142,19 @@ def load_demos(path: str | Path) -> Demos:
 
 def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, seed: int = 0,
                  num_envs: int = 4, nthread: int = 2, max_episodes: int | None = None,
-                 progress: bool = False) -> Demos:
+                 progress: bool = False, aim: float = 0.0) -> Demos:
     """Roll the task's scripted expert out until `n` successful episodes (and up to `failures`
     failed ones, kept and marked success=False) are collected. `noise`: Gaussian std added to
     the expert's action (in action units, before the [-1, 1] clip); the noisy action is what is
-    executed and what is recorded."""
+    executed and what is recorded. `aim`: arm_lift's expert grasps at the cube plus a per-episode
+    offset ~ N(0, aim²) (m, in x and y): play data with near misses."""
     from robotrl.export import library_versions
     from sim.envs import TaskVectorEnv
-    if n < 0 or failures < 0:
-        raise ValueError(f"demos: n and failures must be >= 0, got n={n}, failures={failures}")
+    if n < 0 or failures < 0 or aim < 0:
+        raise ValueError(f"demos: n, failures and aim must be >= 0, got n={n}, failures={failures}, aim={aim}")
     env = TaskVectorEnv(task_cfg, num_envs=num_envs, nthread=nthread)
     task = env.task
-    expert = make_expert(task, noise=noise, seed=seed)
+    expert = make_expert(task, noise=noise, seed=seed, aim=aim)
     obs, info = env.reset(seed=seed)
     critic = info["critic_obs"]
     cur = [{k: [] for k in PER_STEP} for _ in range(num_envs)]
@@ -189,7 +192,7 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task.cfg.name,
               "task_config": dataclasses.asdict(task.cfg), "robot": task.robot.facts(),
               "observation": m["observation"], "action": m["action"],
-              "expert": {"name": EXPERTS[task.cfg.name], "noise": noise, "seed": seed},
+              "expert": {"name": EXPERTS[task.cfg.name], "noise": noise, "aim": aim, "seed": seed},
               "episodes": len(kept), "successes": n_ok, "failures": n_fail, "episodes_tried": tried,
               "transitions": int(lengths.sum()), "control_hz": task.robot.control_hz,
               "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -204,8 +207,9 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
 
 
 def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failures: int = 0, seed: int = 0,
-                  out: str | None = None, num_envs: int = 4, overrides: list[str] | None = None) -> Path:
-    """`robotrl demos task=… n=… noise=… failures=… out=…` (task.<key>=… overrides allowed)."""
+                  out: str | None = None, num_envs: int = 4, overrides: list[str] | None = None,
+                  aim: float = 0.0) -> Path:
+    """`robotrl demos task=… n=… noise=… failures=… aim=… out=…` (task.<key>=… overrides allowed)."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -217,7 +221,7 @@ def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failu
             raise ValueError(f"demos override '{key}': only existing task.<key>=… overrides are accepted")
         OmegaConf.update(raw, key[5:], yaml.safe_load(value) if value else value)
     cfg = task_config(OmegaConf.to_container(raw))
-    demos = record_demos(cfg, n, noise=noise, failures=failures, seed=seed, num_envs=num_envs, progress=True)
+    demos = record_demos(cfg, n, noise=noise, failures=failures, seed=seed, num_envs=num_envs, progress=True, aim=aim)
     path = save_demos(demos, out or f"data/{task}_n{n}_noise{noise:g}_seed{seed}.npz")
     h = demos.header
     print(f"demos: {path}\n  {h['episodes']} episodes ({h['successes']} successes, {h['failures']} failures, "

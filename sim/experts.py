@@ -19,10 +19,14 @@ class ArmLiftExpert:
     """
 
     def __init__(self, task, noise: float = 0.0, seed: int | None = None, max_step_m: float = 0.02,
-                 damping: float = 0.05):
+                 damping: float = 0.05, aim: float = 0.0):
         self.task = task
         self.noise = noise
         self.rng = np.random.default_rng(seed)
+        # Play data: each episode grasps at the cube plus an offset ~ N(0, aim²) in x and y (drawn when
+        # the episode starts), so it holds grasps that miss by a little, as a learner's do.
+        self.aim = aim
+        self.aim_offset = np.zeros((task.num_envs, 3))
         self.max_step_m = max_step_m      # Cartesian distance asked for per control step
         self.damping = damping
         m, r = task.model, task.robot
@@ -34,6 +38,9 @@ class ArmLiftExpert:
 
     def __call__(self) -> np.ndarray:
         t = self.task
+        if self.aim > 0:
+            new = np.flatnonzero(t.steps == 0)
+            self.aim_offset[new, :2] = self.rng.normal(0.0, self.aim, (len(new), 2))
         actions = np.stack([self._act(i) for i in range(t.num_envs)])
         if self.noise > 0:
             actions += self.rng.normal(0.0, self.noise, actions.shape)
@@ -44,8 +51,9 @@ class ArmLiftExpert:
         d = t.sim.data_of(i)
         cube = d.qpos[t.cube_qadr:t.cube_qadr + 3].copy()
         tcp = d.site_xpos[self.site].copy()
-        offset = cube - tcp
         grasped = t.pad_contact[i].all()
+        cube = cube + (0.0 if grasped else self.aim_offset[i])
+        offset = cube - tcp
         gripper_target = t.target[i, t.gripper]
         squeezing = grasped and gripper_target < d.qpos[t.qadr[t.gripper]] - 0.005
         if squeezing:            # lift

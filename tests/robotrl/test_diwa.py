@@ -165,3 +165,26 @@ def test_diwa_refuses_a_base_that_is_not_a_diffusion_policy(runs, tmp_path, caps
     assert main(["train", *TASK, "algo=diwa", f"algo.base={mlp}", f"algo.world_model={runs / 'wm'}",
                  f"run_dir={tmp_path / 'r'}"]) == 2
     assert "DiWA fine-tunes a diffusion policy" in capsys.readouterr().err
+
+
+def test_play_data_aim_makes_the_expert_grasp_beside_the_cube():
+    """aim=σ: each episode the expert closes on the cube plus an offset ~ N(0, σ²) drawn at its
+    start. At 6 cm the offsets miss the cube and nothing is lifted; at 0 the same episodes lift it."""
+    from robotrl.datasets import make_expert
+    from sim.envs import TaskVectorEnv, task_config
+    lifted = {}
+    for aim in (0.0, 0.06):
+        env = TaskVectorEnv(task_config("arm_lift"), num_envs=4, nthread=1)
+        expert = make_expert(env.task, seed=1, aim=aim)
+        env.reset(seed=2)
+        succeeded, ended = np.zeros(4, dtype=bool), np.zeros(4, dtype=bool)
+        for _ in range(160):   # each env's first episode
+            _, _, terminated, truncated, info = env.step(expert())
+            succeeded |= (info["success"] > 0) & ~ended
+            ended |= terminated | truncated
+        assert np.abs(expert.aim_offset[:, :2]).max() > (0.02 if aim else -1) and not expert.aim_offset[:, 2].any()
+        lifted[aim] = int(succeeded.sum())
+        env.close()
+    assert lifted[0.0] >= 3 and lifted[0.06] <= 1, lifted
+    with pytest.raises(ValueError, match="aim= is an option of arm_lift's expert"):
+        make_expert(type("T", (), {"cfg": type("C", (), {"name": "arm_place"})})(), aim=0.01)
