@@ -13,7 +13,9 @@ import yaml
 from robotrl.files import save_figure, write_text
 from robotrl.logging import read_csv
 
-LABELS = {"bc": "BC base (chunked)", "resfit": "ResFiT (residual, off-policy)", "rlpd": "RLPD-style (no base, demos)",
+OFFLINE = ("bc", "diwa")   # no environment steps: their x-axis is gradient steps or iterations
+LABELS = {"bc": "BC base (chunked)", "diwa": "DiWA (in a world model, 0 env steps)",
+          "resfit": "ResFiT (residual, off-policy)", "rlpd": "RLPD-style (no base, demos)",
           "resppo": "residual PPO"}
 
 
@@ -24,20 +26,22 @@ def _run(path: Path) -> dict:
                                 "(robotrl train writes both)")
     cfg = yaml.safe_load((path / "config.yaml").read_text())
     from robotrl.offpolicy import is_offpolicy
-    if not is_offpolicy(cfg["algo"]["name"]):   # its metrics have no success-rate evaluations
-        raise ValueError(f"{path} is an algo={cfg['algo']['name']} run; this report compares bc, resfit, rlpd and "
-                         "resppo runs by their success rate (walking runs: robotrl compare runs=[…])")
+    if not is_offpolicy(cfg["algo"]["name"]) or cfg["algo"]["name"] == "world_model":   # no success rate
+        raise ValueError(f"{path} is an algo={cfg['algo']['name']} run; this report compares bc, resfit, rlpd, "
+                         "resppo and diwa runs by their success rate (walking runs: robotrl compare runs=[…])")
     cols = read_csv(path / "metrics.csv")
     steps, succ = cols.get("env_steps", []), cols.get("eval/success_rate", [])
     pts = [(s, v) for s, v in zip(steps, succ) if not math.isnan(v)]
     algo = cfg["algo"]["name"]
-    if algo == "bc":     # offline: its x-axis is gradient steps; only the final evaluation matters here
+    start = pts[0][1] if pts else math.nan
+    if algo in OFFLINE:     # only the final evaluation is a point at 0 env steps
         pts = pts[-1:]
     a = cfg["algo"]
     eps = a.get("eval_episodes")
     return {"run": str(path), "algo": algo, "label": LABELS.get(algo, algo), "points": pts,
-            "start": pts[0][1] if pts else math.nan, "final": pts[-1][1] if pts else math.nan,
-            "best": max(v for _, v in pts) if pts else math.nan, "env_steps": pts[-1][0] if pts and algo != "bc" else 0,
+            "start": start, "final": pts[-1][1] if pts else math.nan,
+            "best": max(v for _, v in pts) if pts else math.nan,
+            "env_steps": pts[-1][0] if pts and algo not in OFFLINE else 0,
             "eval_episodes": eps, "task": cfg["task"]["name"]}
 
 
@@ -55,8 +59,9 @@ def report(runs: list[str], out: str | Path = "runs/report", title: str = "") ->
     for r in rows:
         if not r["points"]:
             continue
-        if r["algo"] == "bc":
-            ax.axhline(r["final"], ls="--", lw=1.2, color="grey", label=f"{r['label']}: {r['final']:.2f}")
+        if r["algo"] in OFFLINE:
+            color = "grey" if r["algo"] == "bc" else "tab:purple"
+            ax.axhline(r["final"], ls="--", lw=1.2, color=color, label=f"{r['label']}: {r['final']:.2f}")
         else:
             xs, ys = zip(*r["points"])
             ax.plot(xs, ys, marker="o", ms=3, lw=1.4, label=f"{r['label']}")

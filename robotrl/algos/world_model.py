@@ -29,7 +29,7 @@ from robotrl.algos import require_finite
 class WorldModelConfig:
     name: str = "world_model"
     play: Optional[str] = None    # a `robotrl demos` .npz of play data: successes and failures (required)
-    latent: int = 128             # size of z
+    latent: int = 128             # size of z; 0: z is the normalised observation itself (no encoder/decoder)
     hidden: int = 512             # width of every MLP
     horizon: int = 8              # steps rolled out in latent space per training sequence
     batch: int = 64               # sequences per gradient step
@@ -44,7 +44,9 @@ class WorldModelConfig:
 
     def __post_init__(self):
         require_finite(self)
-        for key in ("latent", "hidden", "horizon", "batch", "steps", "eval_every"):
+        if self.latent < 0:
+            raise ValueError(f"algo.latent must be >= 0, got {self.latent}")
+        for key in ("hidden", "horizon", "batch", "steps", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"algo.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -60,17 +62,19 @@ def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
 
 class WorldModel(nn.Module):
     """encode(obs) -> z; step(z, action) -> z'; decode(z) -> obs; success_logit(z). Observations in
-    env units in and out (the z-score of the play data inside); actions in env units."""
+    env units in and out (the z-score of the play data inside); actions in env units. With
+    latent = 0, z is the normalised observation: the dynamics then integrates what the observation
+    integrates exactly (joint targets are the sum of delta actions) instead of through a code."""
 
     def __init__(self, obs_size: int, action_size: int, latent: int, hidden: int):
         super().__init__()
-        self.latent_size = latent
+        self.latent_size = latent or obs_size
         self.register_buffer("obs_mean", torch.zeros(obs_size))
         self.register_buffer("obs_std", torch.ones(obs_size))
-        self.encoder = nn.Sequential(mlp(obs_size, hidden, latent), nn.LayerNorm(latent))
-        self.dynamics = mlp(latent + action_size, hidden, latent)
-        self.decoder = mlp(latent, hidden, obs_size)
-        self.success = mlp(latent, hidden, 1)
+        self.encoder = nn.Sequential(mlp(obs_size, hidden, latent), nn.LayerNorm(latent)) if latent else nn.Identity()
+        self.dynamics = mlp(self.latent_size + action_size, hidden, self.latent_size)
+        self.decoder = mlp(latent, hidden, obs_size) if latent else nn.Identity()
+        self.success = mlp(self.latent_size, hidden, 1)
 
     def fit_normaliser(self, obs: np.ndarray, min_std: float = 0.01) -> None:
         self.obs_mean.copy_(torch.as_tensor(obs.mean(0)))

@@ -59,6 +59,18 @@ def test_world_model_predicts_held_out_play_and_recognises_success(runs):
     assert held_out_figures(untrained, Sequences(play, np.arange(play.num_episodes), 4))["val/prediction_over_copy"] > 1
 
 
+def test_a_world_model_without_a_latent_code_steps_the_normalised_observation():
+    from robotrl.algos.world_model import WorldModel
+    wm = WorldModel(5, 2, latent=0, hidden=16)
+    wm.fit_normaliser(np.random.default_rng(0).normal(3.0, 2.0, (100, 5)).astype(np.float32))
+    obs = torch.randn(4, 5) * 2 + 3
+    z = wm.encode(obs)
+    assert wm.latent_size == 5
+    torch.testing.assert_close(z, (obs - wm.obs_mean) / wm.obs_std)
+    torch.testing.assert_close(wm.decode(z), obs)
+    assert wm.step(z, torch.zeros(4, 2)).shape == (4, 5) and wm.success_logit(z).shape == (4,)
+
+
 class LineWorld(nn.Module):
     """A world model by hand: z = position on a line (the observation), each action moves it by
     half the action, success past 1.0. From 0 with 8 actions, the policy must push forward."""
