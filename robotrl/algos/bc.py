@@ -214,7 +214,7 @@ class DiffusionChunk(nn.Module):
     (mean, std), the form a policy gradient over the chain needs."""
 
     def __init__(self, obs_size: int, action_size: int, chunk: int, hidden: List[int], denoise_steps: int,
-                 sampling: str = "ddpm", step_dim: int = 32):
+                 sampling: str = "deterministic", step_dim: int = 32):
         super().__init__()
         self.chunk, self.action_size, self.steps = chunk, action_size, denoise_steps
         ab = cosine_alpha_bars(denoise_steps)
@@ -226,8 +226,8 @@ class DiffusionChunk(nn.Module):
                             "post_std": (beta * (1 - ab_prev) / (1 - ab)).sqrt(),
                             "freqs": torch.exp(-torch.arange(step_dim // 2) * (9.21 / (step_dim // 2 - 1)))}.items():
             self.register_buffer(name, value.float())
-        # A floor on every step's std, 0 for BC; DiWA fine-tunes (and then deploys) the chain with one,
-        # so that the last steps explore and have a log-likelihood.
+        # A floor on every step's std, 0 for BC; DiWA fine-tunes the chain with one, so that its last
+        # steps explore and have a log-likelihood (a ddpm-sampling artifact then samples with it too).
         self.register_buffer("min_std", torch.zeros(()))
         self.register_buffer("step_noise", torch.tensor(1.0 if sampling == "ddpm" else 0.0))
         width, n = hidden[0], chunk * action_size
