@@ -13,12 +13,7 @@ DIFFUSION = ["algo=bc", "algo.policy=diffusion", "algo.hidden=[128,128]", "algo.
              "algo.eval_episodes=10", "algo.eval_envs=10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

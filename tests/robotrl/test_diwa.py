@@ -22,12 +22,7 @@ TINY_DIWA = ["algo=diwa", "algo.envs=8", "algo.decisions=6", "algo.iterations=2"
              "algo.eval_every=2", "algo.eval_episodes=2", "algo.eval_envs=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,7 @@ TINY_BC = ["algo=bc", "algo.hidden=[64,64]", "algo.batch=64", "algo.steps=200", 
            "algo.eval_episodes=2", "algo.eval_envs=2", "task.episode_s=2.0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small networks: one torch thread is faster (as in the training runners)."""
-    from robotrl.offpolicy import keep_freed_memory
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
