@@ -331,7 +331,8 @@ def run_resfit(env, learner, base, online, demo_rb, c, clip: float, seed: int | 
     while env_steps < c.env_steps:
         collector.step("warmup" if env_steps < c.learning_starts else "explore")
         env_steps += env.num_envs
-        if env_steps >= c.learning_starts:
+        # The first online transition is stored nstep steps in: with no demos, updates wait for it.
+        if env_steps >= c.learning_starts and (online.size > 0 or (demo_rb is not None and demo_rb.size > 0)):
             tu = time.perf_counter()
             stats = learner.update(online, demo_rb, env.num_envs,
                                    train_actor=env_steps >= c.learning_starts + c.critic_warmup)
@@ -374,6 +375,12 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     from sim.envs import TaskVectorEnv
     c = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
     task_cfg = _task_cfg(cfg)
+    bounded = [name for name, on in (("algo.clip_q_target", c.clip_q_target),
+                                     ("algo.critic_loss=hl_gauss", c.critic_loss == "hl_gauss")) if on]
+    if bounded and getattr(task_cfg, "reward_mode", "sparse") != "sparse" and (c.v_min, c.v_max) == (0.0, 1.0):
+        raise ValueError(f"{' and '.join(bounded)} bound Q to [algo.v_min, algo.v_max] = [0, 1], the returns of a "
+                         f"sparse 0/1 reward; task.reward_mode={task_cfg.reward_mode} gives larger ones: set "
+                         "algo.clip_q_target=false and algo.critic_loss=mse, or algo.v_min/v_max to its returns' range")
     run_dir = _setup(cfg)
     env = TaskVectorEnv(task_cfg, num_envs=c.num_envs, nthread=min(2, c.num_envs))
     task = env.task

@@ -586,6 +586,9 @@ def test_residual_improves_a_weak_chunked_base_within_a_small_budget():
               "algo.actor_hidden=[16]", "algo.critic_hidden=[16]", "algo.num_q=4"]),
     ("resppo", ["algo.num_envs=2", "algo.steps_per_env=16", "algo.env_steps=64", "algo.actor_hidden=[16]",
                 "algo.critic_hidden=[16]"]),
+    # without demos, updates from step 0 wait for the first online transition (nstep steps in)
+    ("rlpd", ["algo.env_steps=60", "algo.learning_starts=0", "algo.use_demos=false", "algo.critic_warmup=10",
+              "algo.batch=16", "algo.utd=1", "algo.actor_hidden=[16]", "algo.critic_hidden=[16]", "algo.num_q=4"]),
 ])
 def test_baselines_train_and_export(algo, extra, bc_run, tmp_path):
     d = tmp_path / algo

@@ -307,6 +307,8 @@ def test_resume_after_kill(tmp_path, capsys):
     (["train", "task=arm_lift", "task.action_type=absolute", "algo=eco", "algo.motion=none"],
      "algo=eco constrains the energy the task measures at the physics rate, and task arm_lift does not measure it"),
     (["train", "algo.lr=inf", *TINY], "algo.lr must be a finite number, got inf"),
+    (["train", "task=arm_lift", "algo=rlpd", "task.reward_mode=dense"],
+     r"algo.clip_q_target bound Q to \[algo.v_min, algo.v_max\] = \[0, 1\]"),
     (["train", "resume="], r"resume= takes one run folder or checkpoint, got \[''\]"),
     (["train", "algo.gamma=abc", *TINY], "algo.gamma: Value 'abc' of type 'str' could not be converted to Float"),
     (["eval", f"artifact={ARTIFACTS / 'kid_biped_walk_eco.pt'}", "command=[nan,0,0]"], "command must be 3 finite"),
