@@ -134,7 +134,7 @@ class DiWA:
             raise ValueError(f"algo.finetune_steps ({cfg.finetune_steps}) must be <= the base's denoise_steps "
                              f"({self.policy.steps})")
         self.policy.min_std.fill_(cfg.min_std)
-        self.pretrained = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.pretrained = copy.deepcopy(self.policy).eval().requires_grad_(False) if cfg.bc_weight > 0 else None
         self.wm.requires_grad_(False)
         self.critic = critic(world_model.latent_size, cfg.critic_hidden)
         self.actor_opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.actor_lr)
@@ -145,17 +145,14 @@ class DiWA:
         self.scale = RunningScale(cfg.gamma, cfg.envs)
         self.clips = clip_ranges(cfg)
         self.iteration = 0
-        self._reset_all()
+        with torch.no_grad():
+            self.z = self._new_latents(cfg.envs)
+        self.model_steps = torch.zeros(cfg.envs, dtype=torch.long)
 
     # ---- the dream ----
     def _new_latents(self, n: int) -> torch.Tensor:
         rows = torch.randint(0, len(self.starts), (n,), generator=self.gen)
         return self.wm.encode(self.starts[rows])
-
-    def _reset_all(self) -> None:
-        with torch.no_grad():
-            self.z = self._new_latents(self.cfg.envs)
-        self.model_steps = torch.zeros(self.cfg.envs, dtype=torch.long)
 
     @torch.no_grad()
     def _sample_chain(self, obs_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +269,7 @@ class DiWA:
                 eps = self.clips[steps]
                 pg = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a).mean()
                 loss = pg
-                if c.bc_weight > 0:
+                if self.pretrained is not None:
                     bc = -self._logp(self.pretrained, obs_n, chain, steps).mean()
                     loss = loss + c.bc_weight * bc
                     stats["loss/bc"].append(bc.item())

@@ -112,6 +112,20 @@ def test_chain_log_likelihoods_are_gaussian_steps_and_the_first_ratio_is_one():
     torch.testing.assert_close(learner._logp(p, batch["obs_n"], batch["chain"]), batch["old_logp"])
 
 
+def test_bc_regulariser_is_the_pretrained_chains_negative_log_likelihood():
+    """With algo.bc_weight > 0 the actor's loss adds −log π_pre of the same chain steps under a
+    frozen copy of the pretrained policy: equal to the policy's own before it moves."""
+    learner = _line_learner(bc_weight=0.05)
+    batch = learner.rollout()
+    assert learner.pretrained is not None and _line_learner().pretrained is None
+    torch.testing.assert_close(learner._logp(learner.pretrained, batch["obs_n"], batch["chain"]), batch["old_logp"])
+    learner.update(batch)                     # the critic's warm-up iteration
+    stats = learner.update(learner.rollout())
+    assert np.isfinite(stats["loss/bc"]) and np.isfinite(stats["loss/policy"])
+    moved = learner._logp(learner.policy, batch["obs_n"], batch["chain"])
+    assert not torch.allclose(moved, learner._logp(learner.pretrained, batch["obs_n"], batch["chain"]))
+
+
 def test_clip_range_grows_from_the_noisiest_fine_tuned_step_to_the_last():
     from robotrl.algos.diwa import DiWAConfig, clip_ranges
     c = clip_ranges(DiWAConfig(finetune_steps=10))
