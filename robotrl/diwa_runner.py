@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from robotrl.checkpoint import load_checkpoint, save_checkpoint
 from robotrl.logging import MetricsLogger
-from robotrl.offpolicy import (PARITY_EPISODES, Rows, _finish, _setup, _task_cfg, _video_policy, algo_config,
-                               base_act_fn, evaluate, load_base, load_training_demos)
+from robotrl.offpolicy import (Rows, _finish, _setup, _task_cfg, _video_policy, algo_config, evaluate_residual,
+                               load_base, load_training_demos)
 
 WORLD_MODEL_KEYS = ("train/grad_steps", "loss/world_model", "loss/reconstruction", "loss/prediction", "loss/latent",
                     "loss/success", "grad_norm", "val/prediction_error", "val/copy_error",
@@ -137,11 +137,7 @@ def train_diwa(cfg: DictConfig) -> Path:
           f"trained) inside {acfg.world_model}; {acfg.envs} imagined environments")
 
     def evaluate_in_twin(iteration: int) -> dict:
-        ev = evaluate(task_cfg, base_act_fn(eval_base, None, clip), eval_base.reset, acfg.eval_episodes,
-                      acfg.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES)
-        if cfg.progress:
-            print(f"  iteration {iteration}: eval success in the twin {ev['success_rate']:.2f}")
-        return ev
+        return evaluate_residual(cfg, task_cfg, eval_base, None, iteration, record=True, label="iteration")
 
     ev0 = ev = evaluate_in_twin(0)
     logger.log(0, {"train/iteration": 0, "eval/success_rate": ev0["success_rate"],

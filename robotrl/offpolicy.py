@@ -105,15 +105,16 @@ def evaluate(task_cfg, act, reset, episodes: int, num_envs: int, seed: int, reco
             "parity_obs": np.array(rec_obs, dtype=np.float32), "parity_starts": np.array(rec_starts, dtype=bool)}
 
 
-def evaluate_residual(cfg: DictConfig, task_cfg, eval_base, actor, step: int, record: bool = False) -> dict:
-    """A residual run's evaluation at env step `step`: base + residual `actor`, deterministic,
-    `algo.eval_episodes` episodes from seed + 10 000 (apart from training's seeds), printed when
-    `progress`; `record` keeps env 0's first episodes as the export's parity data."""
+def evaluate_residual(cfg: DictConfig, task_cfg, eval_base, actor, step: int, record: bool = False,
+                      label: str = "env step") -> dict:
+    """A residual run's evaluation at `label` `step`: base + residual `actor` (None: the base
+    alone), `algo.eval_episodes` episodes from seed + 10 000 (apart from training's seeds),
+    printed when `progress`; `record` keeps env 0's first episodes as the export's parity data."""
     a = cfg.algo
     ev = evaluate(task_cfg, base_act_fn(eval_base, actor, task_cfg.action_clip), eval_base.reset, a.eval_episodes,
                   a.eval_envs, seed=cfg.seed + 10_000, record_env0=PARITY_EPISODES if record else 0)
     if cfg.progress:
-        print(f"  env step {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
+        print(f"  {label} {step}: eval success {ev['success_rate']:.2f} (episode length {ev['episode_length']:.0f})")
     return ev
 
 
