@@ -54,7 +54,7 @@ def algo_registry() -> dict:
 
 
 def is_offpolicy(name: str) -> bool:
-    return name in ("bc", "resfit", "rlpd", "resppo", "world_model", "diwa")
+    return name in algo_registry()
 
 
 def algo_config(raw: dict):
