@@ -193,16 +193,13 @@ class PPO:
         """One epoch's minibatches, as row indices into the flattened (T·N) rollout: random rows for a
         feed-forward actor; for a recurrent one, all T steps of a random subset of envs, time-major
         (row t·n + i is step t of the subset's env i), so its memory can be replayed; then there are
-        at most N minibatches."""
+        at most N minibatches. Every row is in one minibatch (sizes differ by one where k does not divide)."""
         T, N = self.buffer.rewards.shape
         k = self.cfg.minibatches
         if not self.model.recurrent:
-            perm, batch = torch.randperm(T * N), T * N // k
-            return [perm[i * batch:(i + 1) * batch] for i in range(k)]
-        k = min(k, N)
-        envs, per = torch.randperm(N), N // k
+            return list(torch.randperm(T * N).tensor_split(k))
         steps = torch.arange(T)[:, None] * N
-        return [(steps + envs[i * per:(i + 1) * per]).reshape(-1) for i in range(k)]
+        return [(steps + envs).reshape(-1) for envs in torch.randperm(N).tensor_split(min(k, N))]
 
     def minibatch_distribution(self, obs: torch.Tensor,
                                idx: torch.Tensor) -> tuple[torch.distributions.Normal, torch.Tensor | None]:

@@ -109,6 +109,21 @@ def test_sequence_replay_equals_acting_step_by_step(rnn):
     torch.testing.assert_close(replayed[5][restarted], fresh[restarted])   # a start forgets the past
 
 
+@pytest.mark.parametrize("rnn", ["none", "gru"])
+def test_every_rollout_row_is_in_exactly_one_minibatch(rnn):
+    """Also where the minibatch count divides neither the rows nor the envs (5 envs, 7 steps, 3
+    minibatches): no transition is left out of an epoch; a recurrent minibatch holds whole env sequences."""
+    cfg = PPOConfig(steps_per_env=7, minibatches=3, actor_hidden=[8], critic_hidden=[8], rnn=rnn, rnn_size=4)
+    algo = PPO(3, 3, 1, cfg, num_envs=5)
+    batches = algo.minibatches()
+    assert len(batches) == 3
+    assert sorted(torch.cat(batches).tolist()) == list(range(35))
+    if rnn != "none":
+        for idx in batches:   # time-major whole sequences: step t of env i is row t·5 + i
+            envs = idx[:len(idx) // 7]
+            assert torch.equal(idx, (torch.arange(7)[:, None] * 5 + envs).reshape(-1))
+
+
 TINY = ["num_envs=4", "algo.steps_per_env=16", "algo.actor_hidden=[32]", "algo.critic_hidden=[32,32]",
         "progress=false", "checkpoint_every=1", "video_seconds=1", "algo.rnn=lstm", "algo.rnn_size=16"]
 
