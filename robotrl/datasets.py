@@ -22,7 +22,7 @@ from robotrl.files import save_arrays, write_text
 FORMAT = "robotrl-demos"
 FORMAT_VERSION = 1
 
-# task name -> "module:Class" of its scripted expert (constructor: (task, noise=, seed=))
+# task name -> "module:Class" of its scripted expert (constructor: (task, noise=, seed=, noise_steps=))
 EXPERTS = {"arm_lift": "sim.experts:ArmLiftExpert", "arm_place": "sim.experts_arm_place:ArmPlaceExpert"}
 
 PER_STEP = ("obs", "critic_obs", "actions", "rewards", "terminated", "truncated")
@@ -33,14 +33,15 @@ class DatasetError(ValueError):
     """The file is missing, not a demos file, of another format version, or inconsistent."""
 
 
-def make_expert(task, noise: float = 0.0, seed: int | None = None, aim: float = 0.0):
+def make_expert(task, noise: float = 0.0, seed: int | None = None, aim: float = 0.0, noise_steps: float = 0.0):
     name = task.cfg.name
     if name not in EXPERTS:
         raise ValueError(f"no scripted expert for task '{name}'; available: {', '.join(sorted(EXPERTS))}")
     if aim and name != "arm_lift":
         raise ValueError(f"aim= is an option of arm_lift's expert; task '{name}' has none")
     mod, cls = EXPERTS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)(task, noise=noise, seed=seed, **({"aim": aim} if aim else {}))
+    return getattr(importlib.import_module(mod), cls)(task, noise=noise, seed=seed, noise_steps=noise_steps,
+                                                      **({"aim": aim} if aim else {}))
 
 
 @dataclasses.dataclass
@@ -86,6 +87,24 @@ class Demos:
         ends = np.cumsum(lengths)
         return Demos(dict(self.header), *(getattr(self, k)[rows] for k in PER_STEP),
                      ends - lengths, ends, self.success[keep], self.final_obs[keep], self.final_critic_obs[keep])
+
+    @staticmethod
+    def concatenate(parts: list["Demos"]) -> "Demos":
+        """Recordings of one task as one dataset, episodes in order (play data from several sessions).
+        The header is the first part's, with the counts summed and each part's expert listed."""
+        first = parts[0].header
+        for p in parts[1:]:
+            if p.header["task"] != first["task"] or p.obs.shape[1] != parts[0].obs.shape[1]:
+                raise DatasetError(f"demos: cannot join task '{p.header['task']}' (observation size {p.obs.shape[1]}) "
+                                   f"to task '{first['task']}' (observation size {parts[0].obs.shape[1]})")
+        offsets = np.cumsum([0] + [len(p.obs) for p in parts[:-1]])
+        header = dict(first, expert=[p.header.get("expert") for p in parts],
+                      **{k: sum(p.header[k] for p in parts) for k in ("episodes", "successes", "failures",
+                                                                    "episodes_tried", "transitions")})
+        return Demos(header, *(np.concatenate([getattr(p, k) for p in parts]) for k in PER_STEP),
+                     np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
+                     np.concatenate([p.episode_ends + o for p, o in zip(parts, offsets)]),
+                     *(np.concatenate([getattr(p, k) for p in parts]) for k in ("success", "final_obs", "final_critic_obs")))
 
     def validate(self, where: str = "demos") -> None:
         T, E = len(self.obs), len(self.episode_starts)
@@ -142,19 +161,23 @@ def load_demos(path: str | Path) -> Demos:
 
 def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, seed: int = 0,
                  num_envs: int = 4, nthread: int = 2, max_episodes: int | None = None,
-                 progress: bool = False, aim: float = 0.0) -> Demos:
+                 progress: bool = False, aim: float = 0.0, noise_steps: float = 0.0) -> Demos:
     """Roll the task's scripted expert out until `n` successful episodes (and up to `failures`
     failed ones, kept and marked success=False) are collected. `noise`: Gaussian std added to
     the expert's action (in action units, before the [-1, 1] clip); the noisy action is what is
-    executed and what is recorded. `aim`: arm_lift's expert grasps at the cube plus a per-episode
-    offset ~ N(0, aim²) (m, in x and y): play data with near misses."""
+    executed and what is recorded; `noise_steps` > 0 correlates it over about that many control steps
+    (an Ornstein-Uhlenbeck process), so episodes wander off the expert's path: play data whose actions
+    are not a function of the state, from which a world model can learn what actions do. `aim`:
+    arm_lift's expert grasps at the cube plus a per-episode offset ~ N(0, aim²) (m, in x and y):
+    play data with near misses."""
     from robotrl.export import library_versions
     from sim.envs import TaskVectorEnv
-    if n < 0 or failures < 0 or aim < 0:
-        raise ValueError(f"demos: n, failures and aim must be >= 0, got n={n}, failures={failures}, aim={aim}")
+    if n < 0 or failures < 0 or aim < 0 or noise_steps < 0:
+        raise ValueError(f"demos: n, failures, aim and noise_steps must be >= 0, got n={n}, failures={failures}, "
+                         f"aim={aim}, noise_steps={noise_steps}")
     env = TaskVectorEnv(task_cfg, num_envs=num_envs, nthread=nthread)
     task = env.task
-    expert = make_expert(task, noise=noise, seed=seed, aim=aim)
+    expert = make_expert(task, noise=noise, seed=seed, aim=aim, noise_steps=noise_steps)
     obs, info = env.reset(seed=seed)
     critic = info["critic_obs"]
     cur = [{k: [] for k in PER_STEP} for _ in range(num_envs)]
@@ -192,7 +215,8 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task.cfg.name,
               "task_config": dataclasses.asdict(task.cfg), "robot": task.robot.facts(),
               "observation": m["observation"], "action": m["action"],
-              "expert": {"name": EXPERTS[task.cfg.name], "noise": noise, "aim": aim, "seed": seed},
+              "expert": {"name": EXPERTS[task.cfg.name], "noise": noise, "noise_steps": noise_steps, "aim": aim,
+                         "seed": seed},
               "episodes": len(kept), "successes": n_ok, "failures": n_fail, "episodes_tried": tried,
               "transitions": int(lengths.sum()), "control_hz": task.robot.control_hz,
               "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -208,8 +232,8 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
 
 def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failures: int = 0, seed: int = 0,
                   out: str | None = None, num_envs: int = 4, overrides: list[str] | None = None,
-                  aim: float = 0.0) -> Path:
-    """`robotrl demos task=… n=… noise=… failures=… aim=… out=…` (task.<key>=… overrides allowed)."""
+                  aim: float = 0.0, noise_steps: float = 0.0) -> Path:
+    """`robotrl demos task=… n=… noise=… noise_steps=… failures=… aim=… out=…` (task.<key>=… overrides allowed)."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -221,7 +245,8 @@ def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failu
             raise ValueError(f"demos override '{key}': only existing task.<key>=… overrides are accepted")
         OmegaConf.update(raw, key[5:], yaml.safe_load(value) if value else value)
     cfg = task_config(OmegaConf.to_container(raw))
-    demos = record_demos(cfg, n, noise=noise, failures=failures, seed=seed, num_envs=num_envs, progress=True, aim=aim)
+    demos = record_demos(cfg, n, noise=noise, failures=failures, seed=seed, num_envs=num_envs, progress=True, aim=aim,
+                         noise_steps=noise_steps)
     path = save_demos(demos, out or f"data/{task}_n{n}_noise{noise:g}_seed{seed}.npz")
     h = demos.header
     print(f"demos: {path}\n  {h['episodes']} episodes ({h['successes']} successes, {h['failures']} failures, "

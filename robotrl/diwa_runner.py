@@ -2,7 +2,7 @@
 folder of robotrl/offpolicy.py (config.yaml, checkpoints/last.pt, metrics.csv + tb/,
 learning_curves.png, summary.json):
 
-    robotrl train task=arm_lift algo=world_model algo.play=<play data .npz>
+    robotrl train task=arm_lift algo=world_model algo.play=<play data .npz, or a list of them>
     robotrl train task=arm_lift algo=diwa algo.base=<diffusion bc run> algo.world_model=<world model run>
 
 Neither steps the twin while learning: the world model learns from play data, DiWA learns in the
@@ -33,25 +33,30 @@ DIWA_KEYS = ("train/iteration", "train/model_steps", "imagined/success_rate", "i
 
 # ---------------------------------------------------------------- the world model
 def train_world_model(cfg: DictConfig) -> Path:
-    from robotrl.algos.world_model import Sequences, WorldModel, held_out_figures, world_model_loss
+    from robotrl.algos.world_model import Sequences, WorldModel, held_out_figures, success_steps, world_model_loss
+    from robotrl.datasets import Demos
     from sim.envs import make_task
     acfg = algo_config(OmegaConf.to_container(cfg.algo, resolve=True))
     task_cfg = _task_cfg(cfg)
     probe = make_task(task_cfg)
-    play = load_training_demos(acfg.play, task_cfg.name, probe.obs_size, False, None, key="algo.play")
+    paths = list(acfg.play) if isinstance(acfg.play, (list, tuple)) else [acfg.play]
+    play = Demos.concatenate([load_training_demos(p, task_cfg.name, probe.obs_size, False, None, key="algo.play")
+                              for p in paths])
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(play.num_episodes)
     n_val = max(1, int(round(acfg.val_fraction * play.num_episodes)))
     if play.num_episodes - n_val < 1:
         raise ValueError(f"algo.play: {acfg.play} holds {play.num_episodes} episode(s); the world model needs at "
                          "least one to train on besides those held out (algo.val_fraction)")
-    train, val = Sequences(play, order[n_val:], acfg.horizon), Sequences(play, order[:n_val], acfg.horizon)
+    hold = success_steps(play.header)
+    train, val = (Sequences(play, order[n_val:], acfg.horizon, hold),
+                  Sequences(play, order[:n_val], acfg.horizon, hold))
     if train.positive_fraction == 0:
         raise ValueError(f"algo.play: {acfg.play} holds no successful step; the success classifier needs some "
                          "(record play data with successes and failures)")
     run_dir = _setup(cfg)
     model = WorldModel(probe.obs_size, probe.action_size, acfg.latent, acfg.hidden)
-    model.fit_normaliser(play.obs)
+    model.fit_to_play(play.obs, play.actions, play.next_obs())
     opt = torch.optim.AdamW(model.parameters(), lr=acfg.lr, weight_decay=acfg.weight_decay)
     pos_weight = (1 - train.positive_fraction) / train.positive_fraction
     gen = torch.Generator().manual_seed(cfg.seed)

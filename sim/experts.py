@@ -19,10 +19,15 @@ class ArmLiftExpert:
     """
 
     def __init__(self, task, noise: float = 0.0, seed: int | None = None, max_step_m: float = 0.02,
-                 damping: float = 0.05, aim: float = 0.0):
+                 damping: float = 0.05, aim: float = 0.0, noise_steps: float = 0.0):
         self.task = task
         self.noise = noise
         self.rng = np.random.default_rng(seed)
+        # noise_steps > 0: the noise is correlated over about that many control steps (an Ornstein-
+        # Uhlenbeck process of the same std), so an episode drifts off the expert's path and back, as
+        # play does; independent noise averages out within a few steps.
+        self.noise_steps = noise_steps
+        self.noise_state = np.zeros((task.num_envs, task.action_size))
         # Play data: each episode grasps at the cube plus an offset ~ N(0, aim²) in x and y (drawn when
         # the episode starts), so it holds grasps that miss by a little, as a learner's do.
         self.aim = aim
@@ -38,12 +43,18 @@ class ArmLiftExpert:
 
     def __call__(self) -> np.ndarray:
         t = self.task
+        new = np.flatnonzero(t.steps == 0)
         if self.aim > 0:
-            new = np.flatnonzero(t.steps == 0)
             self.aim_offset[new, :2] = self.rng.normal(0.0, self.aim, (len(new), 2))
         actions = np.stack([self._act(i) for i in range(t.num_envs)])
         if self.noise > 0:
-            actions += self.rng.normal(0.0, self.noise, actions.shape)
+            noise = self.rng.normal(0.0, self.noise, actions.shape)
+            if self.noise_steps > 0:
+                rho = np.exp(-1.0 / self.noise_steps)
+                self.noise_state = rho * self.noise_state + np.sqrt(1 - rho * rho) * noise
+                self.noise_state[new] = noise[new]     # each episode starts from a stationary draw
+                noise = self.noise_state
+            actions += noise
         return np.clip(actions, t.action_low, t.action_high)
 
     def _act(self, i: int) -> np.ndarray:

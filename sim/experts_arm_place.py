@@ -14,8 +14,8 @@ from sim.experts import ArmLiftExpert
 
 class ArmPlaceExpert(ArmLiftExpert):
     def __init__(self, task, noise: float = 0.0, seed: int | None = None, max_step_m: float = 0.02,
-                 damping: float = 0.05, carry_height: float = 0.08):
-        super().__init__(task, noise=noise, seed=seed, max_step_m=max_step_m, damping=damping)
+                 damping: float = 0.05, carry_height: float = 0.08, noise_steps: float = 0.0):
+        super().__init__(task, noise=noise, seed=seed, max_step_m=max_step_m, damping=damping, noise_steps=noise_steps)
         self.carry_height = carry_height   # cube bottom above the table while carrying, m
 
     def _act(self, i: int) -> np.ndarray:

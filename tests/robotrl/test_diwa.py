@@ -13,7 +13,7 @@ from real.artifact import load_artifact
 from robotrl.cli import main
 
 TASK = ["task=arm_lift", "progress=false", "video=false", "task.episode_s=3.0"]
-TINY_WM = ["algo=world_model", "algo.latent=32", "algo.hidden=128", "algo.horizon=4", "algo.batch=32",
+TINY_WM = ["algo=world_model", "algo.hidden=128", "algo.horizon=4", "algo.batch=32",
            "algo.steps=600", "algo.eval_every=600"]
 TINY_BASE = ["algo=bc", "algo.policy=diffusion", "algo.hidden=[64,64]", "algo.denoise_steps=8", "algo.steps=200",
              "algo.eval_every=200", "algo.eval_episodes=2", "algo.eval_envs=2"]
@@ -28,11 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("diwa")
-    play, demos = d / "play.npz", d / "demos.npz"
+    play, wander, demos = d / "play.npz", d / "wander.npz", d / "demos.npz"
     assert main(["demos", "task=arm_lift", "n=8", "noise=0.3", "failures=8", "seed=5", f"out={play}",
                  "task.episode_s=3.0"]) == 0
+    assert main(["demos", "task=arm_lift", "n=2", "noise=0.15", "noise_steps=10", "failures=4", "aim=0.03", "seed=6",
+                 f"out={wander}", "task.episode_s=3.0"]) == 0
     assert main(["demos", "task=arm_lift", "n=4", "seed=3", f"out={demos}", "task.episode_s=3.0"]) == 0
-    assert main(["train", *TASK, *TINY_WM, f"algo.play={play}", f"run_dir={d / 'wm'}"]) == 0
+    assert main(["train", *TASK, *TINY_WM, f"algo.play=[{play},{wander}]", f"run_dir={d / 'wm'}"]) == 0
     assert main(["train", *TASK, *TINY_BASE, f"algo.demos={demos}", f"run_dir={d / 'base'}"]) == 0
     assert main(["train", *TASK, *TINY_DIWA, f"algo.base={d / 'base'}", f"algo.world_model={d / 'wm'}",
                  f"run_dir={d / 'diwa'}"]) == 0
@@ -46,24 +48,44 @@ def test_world_model_predicts_held_out_play_and_recognises_success(runs):
     from robotrl.algos.world_model import Sequences, WorldModel, held_out_figures
     from robotrl.datasets import load_demos
     s = json.loads((runs / "wm" / "summary.json").read_text())
+    assert s["play_episodes"] == 16 + 6          # both recordings of algo.play=[…]
     assert s["val_prediction_over_copy"] < 0.5
     assert s["val_success_recall"] >= 0.5 and s["val_success_false_positive"] < 0.1
     play = load_demos(runs / "play.npz")
     untrained = WorldModel(play.obs.shape[1], play.actions.shape[1], 32, 128)
-    untrained.fit_normaliser(play.obs)
+    untrained.fit_to_play(play.obs)
     assert held_out_figures(untrained, Sequences(play, np.arange(play.num_episodes), 4))["val/prediction_over_copy"] > 1
 
 
 def test_a_world_model_without_a_latent_code_steps_the_normalised_observation():
     from robotrl.algos.world_model import WorldModel
     wm = WorldModel(5, 2, latent=0, hidden=16)
-    wm.fit_normaliser(np.random.default_rng(0).normal(3.0, 2.0, (100, 5)).astype(np.float32))
+    wm.fit_to_play(np.random.default_rng(0).normal(3.0, 2.0, (100, 5)).astype(np.float32))
     obs = torch.randn(4, 5) * 2 + 3
     z = wm.encode(obs)
     assert wm.latent_size == 5
     torch.testing.assert_close(z, (obs - wm.obs_mean) / wm.obs_std)
     torch.testing.assert_close(wm.decode(z), obs)
     assert wm.step(z, torch.zeros(4, 2)).shape == (4, 5) and wm.success_logit(z).shape == (4,)
+
+
+def test_the_dynamics_starts_as_the_least_squares_fit_and_keeps_what_it_explains_exact():
+    """Play where part of the observation integrates the action exactly (as arm_lift's joint targets
+    do) and the rest moves on its own: fit_to_play's linear part predicts the first exactly before any
+    training, and the MLP's scale there is the floor, so training cannot trade it away."""
+    from robotrl.algos.world_model import WorldModel
+    rng = np.random.default_rng(0)
+    obs, actions = rng.normal(0.0, 1.0, (500, 4)).astype(np.float32), rng.uniform(-1, 1, (500, 2)).astype(np.float32)
+    nxt = obs.copy()
+    nxt[:, :2] += 0.05 * actions                                                  # exact and linear in the action
+    nxt[:, 2:] = np.sin(3 * obs[:, 2:]) + rng.normal(0.0, 0.1, (500, 2))         # neither
+    wm = WorldModel(4, 2, latent=0, hidden=16)
+    wm.fit_to_play(obs, actions, nxt)
+    pred = wm.decode(wm.step(wm.encode(torch.as_tensor(obs)), torch.as_tensor(actions))).detach().numpy()
+    np.testing.assert_allclose(pred[:, :2], nxt[:, :2], atol=1e-4)
+    assert np.abs(pred[:, 2:] - nxt[:, 2:]).mean() > 0.1                        # left to the MLP
+    assert (wm.residual_scale[:2] <= 1e-4).all() and (wm.residual_scale[2:] > 0.1).all()
+    assert not any(name.startswith("linear") for name, _ in wm.named_parameters())   # not trained
 
 
 class LineWorld(nn.Module):
@@ -209,3 +231,27 @@ def test_play_data_aim_makes_the_expert_grasp_beside_the_cube():
     assert lifted[0.0] >= 3 and lifted[0.06] <= 1, lifted
     with pytest.raises(ValueError, match="aim= is an option of arm_lift's expert"):
         make_expert(type("T", (), {"cfg": type("C", (), {"name": "arm_place"})})(), aim=0.01)
+
+
+@pytest.mark.parametrize("noise_steps", [0, 10])
+def test_play_noise_is_correlated_over_noise_steps(noise_steps):
+    """noise_steps=T: the expert's added noise keeps its std and is correlated over about T control
+    steps (lag-1 correlation exp(-1/T)); 0 keeps it independent per step. Read off as the difference
+    between a noisy and a clean expert on the same states (the expert is stateless)."""
+    from robotrl.datasets import make_expert
+    from sim.envs import TaskVectorEnv, task_config
+    env = TaskVectorEnv(task_config("arm_lift"), num_envs=2, nthread=1)
+    noisy = make_expert(env.task, noise=0.05, seed=3, noise_steps=noise_steps)
+    clean = make_expert(env.task)
+    env.reset(seed=4)
+    added = []
+    for _ in range(120):
+        action = clean()
+        added.append(noisy() - action)
+        env.step(action)
+    env.close()
+    added = np.array(added)[:, :, :7]          # arm joints (away from the clip; the gripper sits at it)
+    lag1 = np.mean(added[1:] * added[:-1]) / np.mean(added ** 2)
+    assert 0.04 < added.std() < 0.06
+    want = np.exp(-1 / noise_steps) if noise_steps else 0.0
+    assert abs(lag1 - want) < 0.1, (lag1, want)
