@@ -28,7 +28,8 @@ commands:
   compare runs=[dir,…] | train=true [methods=[…]] [budgets=[b1,…]] [steps=N] [out=<dir>] [episodes=N]
                                                      ECO vs baselines: eval table; power, multiplier, trade-off plots
   demo    [steps=N] [out=<dir>]                      train → export → eval in a fresh process
-  demos   task=… n=N [noise=σ] [noise_steps=T] [failures=K] [aim=σ_m] [seed=S] [out=<file.npz>]   record scripted-expert demos
+  demos   task=… n=N [noise=σ] [noise_steps=T] [failures=K] [aim=σ_m] [seed=S] [out=<file.npz>]
+                                                     record scripted-expert demos
   report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
   report  <recording.mcap> [out=<dir>]               plots + summary.json of a ROS 2 recording (deploy record:=)
   bench   sim|infer|loop|resfit [--json <file>]      throughput and latency figures (--help: options)

@@ -104,7 +104,8 @@ class Demos:
         return Demos(header, *(np.concatenate([getattr(p, k) for p in parts]) for k in PER_STEP),
                      np.concatenate([p.episode_starts + o for p, o in zip(parts, offsets)]),
                      np.concatenate([p.episode_ends + o for p, o in zip(parts, offsets)]),
-                     *(np.concatenate([getattr(p, k) for p in parts]) for k in ("success", "final_obs", "final_critic_obs")))
+                     *(np.concatenate([getattr(p, k) for p in parts])
+                       for k in ("success", "final_obs", "final_critic_obs")))
 
     def validate(self, where: str = "demos") -> None:
         T, E = len(self.obs), len(self.episode_starts)

@@ -28,7 +28,7 @@ from robotrl.algos import require_finite
 @dataclasses.dataclass
 class WorldModelConfig:
     name: str = "world_model"
-    play: Any = None              # `robotrl demos` .npz of play data (successes and failures), or a list of them (required)
+    play: Any = None              # `robotrl demos` .npz of play data (successes and failures), or a list (required)
     latent: int = 0               # 0: z is the normalised observation itself; > 0: a learned code of that size
     hidden: int = 512             # width of every MLP
     horizon: int = 8              # steps rolled out in latent space per training sequence
@@ -115,7 +115,8 @@ class WorldModel(nn.Module):
 
     def step(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         za = torch.cat([z, action], dim=-1)
-        return z + nn.functional.linear(za, self.linear_weight, self.linear_bias) + self.residual_scale * self.dynamics(za)
+        linear = nn.functional.linear(za, self.linear_weight, self.linear_bias)
+        return z + linear + self.residual_scale * self.dynamics(za)
 
     def decode_n(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
