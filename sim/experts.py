@@ -32,6 +32,11 @@ class ArmLiftExpert:
         # the episode starts), so it holds grasps that miss by a little, as a learner's do.
         self.aim = aim
         self.aim_offset = np.zeros((task.num_envs, 3))
+        # ... and when such a grasp closes on nothing, it lifts anyway for `empty_lift_steps` before
+        # reopening to try again, as a person playing does: without it no play episode shows a
+        # gripper rising empty, and a world model learns that a closed gripper rising carries the cube.
+        self.empty_lift_steps = 25
+        self.empty_lift = np.zeros(task.num_envs, dtype=int)
         self.max_step_m = max_step_m      # Cartesian distance asked for per control step
         self.damping = damping
         m, r = task.model, task.robot
@@ -46,6 +51,7 @@ class ArmLiftExpert:
         new = np.flatnonzero(t.steps == 0)
         if self.aim > 0:
             self.aim_offset[new, :2] = self.rng.normal(0.0, self.aim, (len(new), 2))
+            self.empty_lift[new] = 0
         actions = np.stack([self._act(i) for i in range(t.num_envs)])
         if self.noise > 0:
             noise = self.rng.normal(0.0, self.noise, actions.shape)
@@ -67,6 +73,15 @@ class ArmLiftExpert:
         offset = cube - tcp
         gripper_target = t.target[i, t.gripper]
         squeezing = grasped and gripper_target < d.qpos[t.qadr[t.gripper]] - 0.005
+        if self.aim > 0 and not grasped:
+            shut = t.robot.q_lower[t.gripper] + 0.002
+            closed_on_nothing = gripper_target <= shut and d.qpos[t.qadr[t.gripper]] <= shut
+            if closed_on_nothing and self.empty_lift[i] == 0:
+                self.empty_lift[i] = self.empty_lift_steps
+            if self.empty_lift[i] > 0:    # lift the empty gripper, then reopen (close=False) and retry
+                self.empty_lift[i] -= 1
+                tcp_goal = np.array([tcp[0], tcp[1], c.cube.size / 2 + c.lift_height + 0.05])
+                return self._ik(i, d, tcp_goal, self.empty_lift[i] > 0)
         if squeezing:            # lift
             goal = np.array([cube[0], cube[1], c.cube.size / 2 + c.lift_height + 0.05])
         else:                    # come down onto the cube along a funnel: higher while off to the side

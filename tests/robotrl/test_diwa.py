@@ -212,7 +212,8 @@ def test_diwa_refuses_a_base_that_is_not_a_diffusion_policy(runs, tmp_path, caps
 
 def test_play_data_aim_makes_the_expert_grasp_beside_the_cube():
     """aim=σ: each episode the expert closes on the cube plus an offset ~ N(0, σ²) drawn at its
-    start. At 6 cm the offsets miss the cube and nothing is lifted; at 0 the same episodes lift it."""
+    start. At 6 cm the offsets miss the cube and nothing is lifted, but the empty gripper is lifted
+    (play data must show a closed gripper rising without the cube); at 0 the same episodes lift it."""
     from robotrl.datasets import make_expert
     from sim.envs import TaskVectorEnv, task_config
     lifted = {}
@@ -221,13 +222,20 @@ def test_play_data_aim_makes_the_expert_grasp_beside_the_cube():
         expert = make_expert(env.task, seed=1, aim=aim)
         env.reset(seed=2)
         succeeded, ended = np.zeros(4, dtype=bool), np.zeros(4, dtype=bool)
+        terms = env.task.manifest()["observation"]["terms"]
+        start = dict(zip([t["name"] for t in terms], np.cumsum([0] + [t["size"] for t in terms])))
+        tcp_z, cube_z, width = start["tcp_pos"], start["cube_pos"], start["gripper_width"]
+        empty_lifts = 0
         for _ in range(160):   # each env's first episode
-            _, _, terminated, truncated, info = env.step(expert())
+            obs, _, terminated, truncated, info = env.step(expert())
+            empty_lifts += int(((obs[:, tcp_z + 2] > 0.12) & (obs[:, cube_z + 2] < 0.04) & (obs[:, width] < 0.05)).sum())
             succeeded |= (info["success"] > 0) & ~ended
             ended |= terminated | truncated
         assert np.abs(expert.aim_offset[:, :2]).max() > (0.02 if aim else -1) and not expert.aim_offset[:, 2].any()
         lifted[aim] = int(succeeded.sum())
         env.close()
+        if aim:
+            assert empty_lifts > 0
     assert lifted[0.0] >= 3 and lifted[0.06] <= 1, lifted
     with pytest.raises(ValueError, match="aim= is an option of arm_lift's expert"):
         make_expert(type("T", (), {"cfg": type("C", (), {"name": "arm_place"})})(), aim=0.01)
