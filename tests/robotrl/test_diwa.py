@@ -228,7 +228,8 @@ def test_play_data_aim_makes_the_expert_grasp_beside_the_cube():
         empty_lifts = 0
         for _ in range(160):   # each env's first episode
             obs, _, terminated, truncated, info = env.step(expert())
-            empty_lifts += int(((obs[:, tcp_z + 2] > 0.12) & (obs[:, cube_z + 2] < 0.04) & (obs[:, width] < 0.05)).sum())
+            empty = (obs[:, tcp_z + 2] > 0.12) & (obs[:, cube_z + 2] < 0.04) & (obs[:, width] < 0.05)
+            empty_lifts += int(empty.sum())
             succeeded |= (info["success"] > 0) & ~ended
             ended |= terminated | truncated
         assert np.abs(expert.aim_offset[:, :2]).max() > (0.02 if aim else -1) and not expert.aim_offset[:, 2].any()
