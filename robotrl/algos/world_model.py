@@ -30,10 +30,10 @@ class WorldModelConfig:
     name: str = "world_model"
     play: Any = None              # `robotrl demos` .npz of play data (successes and failures), or a list (required)
     latent: int = 0               # 0: z is the normalised observation itself; > 0: a learned code of that size
-    hidden: int = 512             # width of every MLP
-    horizon: int = 8              # steps rolled out in latent space per training sequence
+    hidden: int = 256             # width of every MLP
+    horizon: int = 32             # steps rolled out in latent space per training sequence
     batch: int = 64               # sequences per gradient step
-    steps: int = 5000             # gradient steps
+    steps: int = 2500             # gradient steps
     lr: float = 3e-4
     weight_decay: float = 1e-5
     grad_clip: float = 100.0
