@@ -12,8 +12,9 @@ import numpy as np
 class ArmLiftExpert:
     """Approach above the cube -> descend -> close -> lift, for sim/tasks/arm_lift.py.
 
-    Stateless: each step picks the phase from the geometry, so it recovers by itself when a
-    grasp slips and needs no notice of resets. A Cartesian goal for the tool centre point
+    Each step picks the phase from the geometry, so it recovers by itself when a grasp slips.
+    Only the play options keep state per env (the aim offset, the empty lift, correlated noise),
+    renewed when the task's step counter shows a new episode. A Cartesian goal for the tool centre point
     (position, and orientation pointing down with the fingers across two cube faces) is turned
     into joint targets by one damped-least-squares step on MuJoCo's site Jacobian.
     """
