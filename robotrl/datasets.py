@@ -23,7 +23,8 @@ FORMAT = "robotrl-demos"
 FORMAT_VERSION = 1
 
 # task name -> "module:Class" of its scripted expert (constructor: (task, noise=, seed=, noise_steps=))
-EXPERTS = {"arm_lift": "sim.experts:ArmLiftExpert", "arm_place": "sim.experts_arm_place:ArmPlaceExpert"}
+EXPERTS = {"arm_lift": "sim.experts:ArmLiftExpert", "arm_place": "sim.experts_arm_place:ArmPlaceExpert",
+           "arm_reach": "sim.experts_arm_reach:ArmReachExpert"}
 
 PER_STEP = ("obs", "critic_obs", "actions", "rewards", "terminated", "truncated")
 PER_EPISODE = ("episode_starts", "episode_ends", "success", "final_obs", "final_critic_obs")

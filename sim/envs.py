@@ -15,7 +15,7 @@ from real.robot_spec import CONFIG_DIR, available_robots
 
 
 # task name -> module in sim/tasks defining <Class> and <Class>Config
-TASKS = {"humanoid_walk": "HumanoidWalk", "arm_lift": "ArmLift", "arm_place": "ArmPlace"}
+TASKS = {"humanoid_walk": "HumanoidWalk", "arm_lift": "ArmLift", "arm_place": "ArmPlace", "arm_reach": "ArmReach"}
 
 
 def _registry() -> dict[str, tuple[type, type]]:

@@ -91,15 +91,15 @@ class ArmLiftConfig:
         return REWARDS, OBJECT_TERMS
 
 
-def add_cube(mj: mujoco.MjSpec, c: CubeConfig) -> None:
+def add_cube(mj: mujoco.MjSpec, c: CubeConfig, name: str = "cube", rgba=(0.85, 0.25, 0.2, 1.0)) -> None:
     """The task's cube, a free body named "cube" (also in the emulated firmware's world, `cube_world`)."""
-    cube = mj.worldbody.add_body(name="cube")
-    cube.add_freejoint(name="cube")
+    cube = mj.worldbody.add_body(name=name)
+    cube.add_freejoint(name=name)
     # priority: the cube's friction governs its contacts with the table and the fingers alike,
     # so one number (randomised per episode) sets how hard it is to slide and to hold.
-    cube.add_geom(name="cube", type=mujoco.mjtGeom.mjGEOM_BOX, size=[c.size / 2] * 3, mass=c.mass,
+    cube.add_geom(name=name, type=mujoco.mjtGeom.mjGEOM_BOX, size=[c.size / 2] * 3, mass=c.mass,
                   friction=[c.friction, 0.01, 0.001], condim=4, priority=1, contype=1, conaffinity=3,
-                  rgba=[0.85, 0.25, 0.2, 1])
+                  rgba=list(rgba))
 
 
 def cube_pose(c: CubeConfig, rng: np.random.Generator) -> np.ndarray:
@@ -169,7 +169,7 @@ class ArmLift:
                 raise ValueError(f"task arm_lift: robot '{r.name}' ({r.source}) needs '{key}'")
         mj = robot_spec_editable(r)
         add_floor(mj)  # the table top, at the robot base's height (z = 0)
-        add_cube(mj, c)
+        self._add_objects(mj)
         mj.add_sensor(name="tcp_pos", type=mujoco.mjtSensor.mjSENS_FRAMEPOS, objtype=mujoco.mjtObj.mjOBJ_SITE,
                       objname=r.extra["ee_site"])
         for pad in r.extra["finger_pads"]:  # number of contacts between each finger pad and the cube
@@ -188,6 +188,7 @@ class ArmLift:
         self.substeps = r.decimation
         self.episode_steps = int(round(cfg.episode_s * r.control_hz))
         self.hold_steps = max(1, int(round(cfg.hold_s * r.control_hz)))
+        self.lift_height = cfg.lift_height   # what the dense `lift` term reads (also in tasks built on this one)
         terms = tuple(cfg.observation)
         sizes = tuple(ROBOT_TERMS[t].size(n) for t in terms)
         self.layout = ObsLayout(terms, tuple(float(v) for v in cfg.observation.values()), sizes, cfg.history)
@@ -224,6 +225,10 @@ class ArmLift:
         self._ctrl = np.zeros((B, self.substeps, m.nu))
         self._substep_index = np.arange(self.substeps)[None, :, None]
         self.rng = np.random.default_rng()
+
+    def _add_objects(self, mj: mujoco.MjSpec) -> None:
+        """The task's objects on the table (a task built on this one adds its own)."""
+        add_cube(mj, self.cfg.cube)
 
     @staticmethod
     def _mimic_qadr(m: mujoco.MjModel, gripper_qadr: int) -> int:
@@ -329,7 +334,7 @@ class ArmLift:
         self.steps += 1
         s = self._quantities(noisy=False)
         s["cube_height"] = s["cube_pos"][:, 2] - c.cube.size / 2
-        s["lift_height"] = c.lift_height
+        s["lift_height"] = self.lift_height
         s["grasped"] = self.pad_contact.all(axis=1)
         return s
 
@@ -378,7 +383,11 @@ class ArmLift:
                 "action": {"joint_names": list(r.joint_names), "scale": self.scale.tolist(),
                            "offset": self.offset.tolist(), "clip": c.action_clip, "type": action_type,
                            "target": target},
-                "task": {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode,
-                         "lift_height": c.lift_height, "hold_s": c.hold_s, "cube_size": c.cube.size,
-                         "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
-                         "object_terms": {t: OBJECT_TERMS[t] for t in self.layout.terms if t in OBJECT_TERMS}}}
+                "task": self._task_manifest()}
+
+    def _task_manifest(self) -> dict:
+        c, r = self.cfg, self.robot
+        return {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode,
+                "lift_height": c.lift_height, "hold_s": c.hold_s, "cube_size": c.cube.size,
+                "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
+                "object_terms": {t: OBJECT_TERMS[t] for t in self.layout.terms if t in OBJECT_TERMS}}
