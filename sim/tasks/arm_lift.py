@@ -163,7 +163,7 @@ class ArmLift:
     def __init__(self, cfg: ArmLiftConfig, num_envs: int = 1, nthread: int = 1):
         self.cfg = cfg
         self.robot = load_robot(cfg.robot)
-        r, c = self.robot, cfg.cube
+        r = self.robot
         for key in ("ee_site", "gripper_joint", "finger_pads"):
             if key not in r.extra:
                 raise ValueError(f"task arm_lift: robot '{r.name}' ({r.source}) needs '{key}'")

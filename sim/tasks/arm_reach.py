@@ -98,7 +98,8 @@ class ArmReachConfig:
         if "{colour}" not in self.instruction:
             raise ValueError(f"task.instruction must contain {{colour}}, got {self.instruction!r}")
         if self.camera.width < 1 or self.camera.height < 1:
-            raise ValueError(f"task.camera: width and height must be >= 1, got {self.camera.width}x{self.camera.height}")
+            raise ValueError(f"task.camera: width and height must be >= 1, "
+                             f"got {self.camera.width}x{self.camera.height}")
 
     def known_terms(self) -> tuple[dict, dict]:
         return REWARDS, REACH_TERMS
