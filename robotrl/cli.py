@@ -28,7 +28,7 @@ commands:
   compare runs=[dir,…] | train=true [methods=[…]] [budgets=[b1,…]] [steps=N] [out=<dir>] [episodes=N]
                                                      ECO vs baselines: eval table; power, multiplier, trade-off plots
   demo    [steps=N] [out=<dir>]                      train → export → eval in a fresh process
-  demos   task=… n=N [noise=σ] [noise_steps=T] [failures=K] [aim=σ_m] [seed=S] [out=<file.npz>]
+  demos   task=… n=N [noise=σ] [noise_steps=T] [failures=K] [aim=σ_m] [labels=executed|expert] [seed=S] [out=…]
                                                      record scripted-expert demos
   report  runs=<run>,<run>,… [out=<dir>]            success-vs-env-steps plot + table (bc/resfit/baselines)
   report  <recording.mcap> [out=<dir>]               plots + summary.json of a ROS 2 recording (deploy record:=)
@@ -244,13 +244,14 @@ def cmd_demo(args: list[str]) -> None:
 def cmd_demos(args: list[str]) -> Path:
     from robotrl.datasets import demos_command
     opts, overrides = parse_pairs(args, {"task": "arm_lift", "n": "50", "noise": "0.0", "failures": "0", "seed": "0",
-                                         "out": None, "num_envs": "4", "aim": "0.0", "noise_steps": "0"})
+                                         "out": None, "num_envs": "4", "aim": "0.0", "noise_steps": "0",
+                                         "labels": "executed"})
     output_place(opts["out"], "out")
     return demos_command(opts["task"], n=number_option(opts, "n", 1), noise=number_option(opts, "noise", integer=False),
                          failures=number_option(opts, "failures"), seed=number_option(opts, "seed"), out=opts["out"],
                          num_envs=number_option(opts, "num_envs", 1), overrides=overrides,
                          aim=number_option(opts, "aim", integer=False),
-                         noise_steps=number_option(opts, "noise_steps", integer=False))
+                         noise_steps=number_option(opts, "noise_steps", integer=False), labels=opts["labels"])
 
 
 def cmd_report(args: list[str]) -> dict:

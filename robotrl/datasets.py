@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 EXPERTS = {"arm_lift": "sim.experts:ArmLiftExpert", "arm_place": "sim.experts_arm_place:ArmPlaceExpert",
            "arm_reach": "sim.experts_arm_reach:ArmReachExpert"}
 
+LABELS = ("executed", "expert")   # which action a demos file records (record_demos)
 PER_STEP = ("obs", "critic_obs", "actions", "rewards", "terminated", "truncated")
 PER_EPISODE = ("episode_starts", "episode_ends", "success", "final_obs", "final_critic_obs")
 
@@ -163,7 +164,8 @@ def load_demos(path: str | Path) -> Demos:
 
 def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, seed: int = 0,
                  num_envs: int = 4, nthread: int = 2, max_episodes: int | None = None,
-                 progress: bool = False, aim: float = 0.0, noise_steps: float = 0.0) -> Demos:
+                 progress: bool = False, aim: float = 0.0, noise_steps: float = 0.0,
+                 labels: str = "executed") -> Demos:
     """Roll the task's scripted expert out until `n` successful episodes (and up to `failures`
     failed ones, kept and marked success=False) are collected. `noise`: Gaussian std added to
     the expert's action (in action units, before the [-1, 1] clip); the noisy action is what is
@@ -171,12 +173,16 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
     (an Ornstein-Uhlenbeck process), so episodes wander off the expert's path: play data whose actions
     are not a function of the state, from which a world model can learn what actions do. `aim`:
     arm_lift's expert grasps at the cube plus a per-episode offset ~ N(0, aim²) (m, in x and y):
-    play data with near misses."""
+    play data with near misses. `labels`: which action is recorded, `executed` (the noisy one: play
+    data, whose actions must be what moved the world) or `expert` (the expert's action at the state the
+    noise led to: demonstrations that show how to recover, as in DART)."""
     from robotrl.export import library_versions
     from sim.envs import TaskVectorEnv
     if n < 0 or failures < 0 or aim < 0 or noise_steps < 0:
         raise ValueError(f"demos: n, failures, aim and noise_steps must be >= 0, got n={n}, failures={failures}, "
                          f"aim={aim}, noise_steps={noise_steps}")
+    if labels not in LABELS:
+        raise ValueError(f"demos: labels must be one of {list(LABELS)}, got {labels!r}")
     env = TaskVectorEnv(task_cfg, num_envs=num_envs, nthread=nthread)
     task = env.task
     expert = make_expert(task, noise=noise, seed=seed, aim=aim, noise_steps=noise_steps)
@@ -189,6 +195,8 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
     while (n_ok < n or n_fail < failures) and tried < cap:
         action = expert().astype(np.float32)
         nobs, reward, terminated, truncated, info = env.step(action)
+        if labels == "expert":
+            action = expert.clean.astype(np.float32)
         for i in range(num_envs):
             ep = cur[i]
             for k, v in (("obs", obs[i]), ("critic_obs", critic[i]), ("actions", action[i]), ("rewards", reward[i]),
@@ -218,7 +226,7 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
               "task_config": dataclasses.asdict(task.cfg), "robot": task.robot.facts(),
               "observation": m["observation"], "action": m["action"],
               "expert": {"name": EXPERTS[task.cfg.name], "noise": noise, "noise_steps": noise_steps, "aim": aim,
-                         "seed": seed},
+                         "seed": seed, "labels": labels},
               "episodes": len(kept), "successes": n_ok, "failures": n_fail, "episodes_tried": tried,
               "transitions": int(lengths.sum()), "control_hz": task.robot.control_hz,
               "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -234,8 +242,9 @@ def record_demos(task_cfg: Any, n: int, noise: float = 0.0, failures: int = 0, s
 
 def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failures: int = 0, seed: int = 0,
                   out: str | None = None, num_envs: int = 4, overrides: list[str] | None = None,
-                  aim: float = 0.0, noise_steps: float = 0.0) -> Path:
-    """`robotrl demos task=… n=… noise=… noise_steps=… failures=… aim=… out=…` (task.<key>=… overrides allowed)."""
+                  aim: float = 0.0, noise_steps: float = 0.0, labels: str = "executed") -> Path:
+    """`robotrl demos task=… n=… noise=… noise_steps=… failures=… aim=… labels=… out=…` (task.<key>=… overrides
+    allowed)."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -248,7 +257,7 @@ def demos_command(task: str = "arm_lift", n: int = 50, noise: float = 0.0, failu
         OmegaConf.update(raw, key[5:], yaml.safe_load(value) if value else value)
     cfg = task_config(OmegaConf.to_container(raw))
     demos = record_demos(cfg, n, noise=noise, failures=failures, seed=seed, num_envs=num_envs, progress=True, aim=aim,
-                         noise_steps=noise_steps)
+                         noise_steps=noise_steps, labels=labels)
     path = save_demos(demos, out or f"data/{task}_n{n}_noise{noise:g}_seed{seed}.npz")
     h = demos.header
     print(f"demos: {path}\n  {h['episodes']} episodes ({h['successes']} successes, {h['failures']} failures, "

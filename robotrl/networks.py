@@ -199,6 +199,63 @@ class DeployModule(nn.Module):
                                   "export it with format=torchscript")
 
 
+class JointTargetDeploy(DeployModule):
+    """A deploy module whose actions set joint position targets as the manifest's `action` says.
+
+    For a joint-target delta (target <- clip(target + scale·action, limits)) `command` needs the
+    previous target: `track_target` reads it from the observation's `joint_target` term (target -
+    q_default) of the newest frame; without that term the first target is the measured joint
+    position (`joint_pos` term) and later ones integrate. Subclasses call `track_target(obs)` in
+    forward and clear `has_target` in reset()."""
+
+    def __init__(self, manifest: dict):
+        super().__init__()
+        act, robot, layout = manifest["action"], manifest["robot"], manifest["observation"]
+        n = len(act["joint_names"])
+        self.clip = float(act["clip"])
+        self.register_buffer("scale", torch.tensor(np.broadcast_to(act["scale"], (n,)).copy(), dtype=torch.float32))
+        self.register_buffer("offset", torch.tensor(np.broadcast_to(act["offset"], (n,)).copy(), dtype=torch.float32))
+        self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
+        self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
+        self.register_buffer("q_default", torch.tensor(robot["q_default"], dtype=torch.float32))
+        frame0 = (int(layout["history"]) - 1) * int(layout["frame_size"])   # newest frame
+        offsets, o = {}, frame0
+        for t in layout["terms"]:
+            offsets[t["name"]] = (o, float(t["scale"]))
+            o += int(t["size"])
+        self.delta = act.get("type", "joint_position") == "joint_position_delta"
+        term = "joint_target" if "joint_target" in offsets else "joint_pos"
+        if self.delta and term not in offsets:
+            raise ValueError("a joint_position_delta policy needs a joint_target or joint_pos observation term")
+        self.from_target = term == "joint_target"
+        self.term_at, self.term_scale = offsets.get(term, (0, 1.0))
+        self.register_buffer("target", torch.zeros(n), persistent=False)
+        self.has_target = False
+
+    def track_target(self, obs: torch.Tensor) -> None:
+        if self.delta and (self.from_target or not self.has_target):
+            self.target = self.measured_target(obs)
+            self.has_target = True
+
+    @torch.jit.export
+    def command(self, action: torch.Tensor) -> torch.Tensor:
+        q = self.joint_targets(self.target, action)
+        if self.delta and not self.from_target:
+            self.target = q
+        return q
+
+    def measured_target(self, obs: torch.Tensor) -> torch.Tensor:
+        """The previous joint target as the observation's newest frame reports it."""
+        n = self.q_default.shape[0]
+        return obs[..., self.term_at:self.term_at + n] / self.term_scale + self.q_default
+
+    def joint_targets(self, previous: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Action -> joint position targets within the limits: a step from `previous` for a delta
+        policy, else offset + scale·action."""
+        start = previous if self.delta else self.offset
+        return torch.clamp(start + self.scale * action, self.q_lower, self.q_upper)
+
+
 class MlpDeployPolicy(DeployModule):
     """What runs on the robot: `forward` (observation → clipped actor mean), `command` (action →
     joint position targets: offset + scale·action, clipped to the joint limits) and `step`

@@ -48,9 +48,10 @@ def algo_registry() -> dict:
     from robotrl.algos.diwa import DiWAConfig
     from robotrl.algos.residual_ppo import ResPPOConfig
     from robotrl.algos.resfit import ResFiTConfig
+    from robotrl.algos.vla_rl import VLABCConfig, VLARLConfig
     from robotrl.algos.world_model import WorldModelConfig
     return {"bc": BCConfig, "resfit": ResFiTConfig, "rlpd": ResFiTConfig, "resppo": ResPPOConfig,
-            "world_model": WorldModelConfig, "diwa": DiWAConfig}
+            "world_model": WorldModelConfig, "diwa": DiWAConfig, "vla_bc": VLABCConfig, "vla_rl": VLARLConfig}
 
 
 def is_offpolicy(name: str) -> bool:
@@ -184,6 +185,9 @@ def train(cfg: DictConfig) -> Path:
     if name in ("world_model", "diwa"):
         from robotrl.diwa_runner import train_diwa, train_world_model
         return train_world_model(cfg) if name == "world_model" else train_diwa(cfg)
+    if name in ("vla_bc", "vla_rl"):
+        from robotrl.vla_runner import train_vla_bc, train_vla_rl
+        return train_vla_bc(cfg) if name == "vla_bc" else train_vla_rl(cfg)
     return train_resfit(cfg)
 
 

@@ -36,6 +36,12 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
     kept = "" if Path(run).is_dir() or Path(run).name == "last.pt" else f"_{Path(run).stem}"
     path = Path(out) if out else run_dir / f"{cfg.task.name}_{cfg.algo.name}{kept}{SUFFIXES[fmt or 'torchscript']}"
     from robotrl.offpolicy import export_offpolicy, is_offpolicy
+    if cfg.algo.name in ("vla_bc", "vla_rl"):   # the greedy VLA
+        if fmt == "onnx" or artifact_format(path) == "onnx":
+            raise ValueError(f"{run}: a VLA exports to TorchScript only (its answer loop has no ONNX form here); "
+                             "give out= a .pt name")
+        from robotrl.vla_runner import export_vla
+        return export_vla(run, path)
     if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
         return export_offpolicy(run, path)
     env, algo = build(cfg, num_envs=1)

@@ -54,6 +54,7 @@ class ArmLiftExpert:
             self.aim_offset[new, :2] = self.rng.normal(0.0, self.aim, (len(new), 2))
             self.empty_lift[new] = 0
         actions = np.stack([self._act(i) for i in range(t.num_envs)])
+        self.clean = np.clip(actions, t.action_low, t.action_high)   # this step's action before the noise
         if self.noise > 0:
             noise = self.rng.normal(0.0, self.noise, actions.shape)
             if self.noise_steps > 0:

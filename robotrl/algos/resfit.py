@@ -33,7 +33,7 @@ from torch import nn
 
 from robotrl.algos import require_finite
 from robotrl.checkpoint import save_atomic
-from robotrl.networks import DeployModule
+from robotrl.networks import JointTargetDeploy
 
 CRITIC_LOSSES = ("mse", "hl_gauss")
 
@@ -611,72 +611,26 @@ class NoResidual(nn.Module):
         return torch.zeros_like(base_n)
 
 
-class DeployPolicy(DeployModule):
+class DeployPolicy(JointTargetDeploy):
     """Base chunk queue + residual as one TorchScript module for one robot: forward(obs [obs])
     -> action [A] (env units, clipped); command(action) -> joint position targets; step(obs) ->
-    both in one call; reset() empties the chunk queue (call it at every episode start).
-
-    The task's action is a joint-target delta (target <- clip(target + scale·action, limits)),
-    so `command` needs the previous target: it is read from the observation's `joint_target`
-    term (target - q_default) of the newest frame in forward; without that term the first
-    target is the measured joint position (`joint_pos` term) and later ones integrate."""
+    both in one call; reset() empties the chunk queue (call it at every episode start)."""
 
     def __init__(self, base: nn.Module, residual: nn.Module, manifest: dict):
-        super().__init__()
+        super().__init__(manifest)
         self.base = copy.deepcopy(base.with_batch(1))
         self.residual = copy.deepcopy(residual)
-        act, robot, layout = manifest["action"], manifest["robot"], manifest["observation"]
-        n = len(act["joint_names"])
-        self.clip = float(act["clip"])
-        self.register_buffer("scale", torch.tensor(np.broadcast_to(act["scale"], (n,)).copy(), dtype=torch.float32))
-        self.register_buffer("offset", torch.tensor(np.broadcast_to(act["offset"], (n,)).copy(), dtype=torch.float32))
-        self.register_buffer("q_lower", torch.tensor(robot["q_lower"], dtype=torch.float32))
-        self.register_buffer("q_upper", torch.tensor(robot["q_upper"], dtype=torch.float32))
-        self.register_buffer("q_default", torch.tensor(robot["q_default"], dtype=torch.float32))
-        frame0 = (int(layout["history"]) - 1) * int(layout["frame_size"])   # newest frame
-        offsets, o = {}, frame0
-        for t in layout["terms"]:
-            offsets[t["name"]] = (o, float(t["scale"]))
-            o += int(t["size"])
-        self.delta = act.get("type", "joint_position") == "joint_position_delta"
-        term = "joint_target" if "joint_target" in offsets else "joint_pos"
-        if self.delta and term not in offsets:
-            raise ValueError("a joint_position_delta policy needs a joint_target or joint_pos observation term")
-        self.from_target = term == "joint_target"
-        self.term_at, self.term_scale = offsets.get(term, (0, 1.0))
-        self.register_buffer("target", torch.zeros(n), persistent=False)
-        self.has_target = False
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.unsqueeze(0)
         action = self.env_action(self.base.norm.obs(x), self.base(x))[0]
-        if self.delta and (self.from_target or not self.has_target):
-            self.target = self.measured_target(obs)
-            self.has_target = True
+        self.track_target(obs)
         return action
-
-    @torch.jit.export
-    def command(self, action: torch.Tensor) -> torch.Tensor:
-        q = self.joint_targets(self.target, action)
-        if self.delta and not self.from_target:
-            self.target = q
-        return q
 
     def env_action(self, obs_n: torch.Tensor, a_base: torch.Tensor) -> torch.Tensor:
         """Base + residual (normalised) -> the task's action, clipped."""
         a = torch.clamp(a_base + self.residual(obs_n, a_base), -1.0, 1.0)
         return torch.clamp(self.base.norm.unaction(a), -self.clip, self.clip)
-
-    def measured_target(self, obs: torch.Tensor) -> torch.Tensor:
-        """The previous joint target as the observation's newest frame reports it."""
-        n = self.q_default.shape[0]
-        return obs[..., self.term_at:self.term_at + n] / self.term_scale + self.q_default
-
-    def joint_targets(self, previous: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Action -> joint position targets within the limits: a step from `previous` for a delta
-        policy, else offset + scale·action."""
-        start = previous if self.delta else self.offset
-        return torch.clamp(start + self.scale * action, self.q_lower, self.q_upper)
 
     @torch.jit.export
     def reset(self) -> None:
