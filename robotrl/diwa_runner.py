@@ -40,7 +40,7 @@ def train_world_model(cfg: DictConfig) -> Path:
     task_cfg = _task_cfg(cfg)
     probe = make_task(task_cfg)
     paths = list(acfg.play) if isinstance(acfg.play, (list, tuple)) else [acfg.play]
-    play = Demos.concatenate([load_training_demos(p, task_cfg.name, probe.obs_size, False, None, key="algo.play")
+    play = Demos.concatenate([load_training_demos(p, probe, False, None, key="algo.play")
                               for p in paths])
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(play.num_episodes)

@@ -192,15 +192,25 @@ def train(cfg: DictConfig) -> Path:
 
 
 # ---------------------------------------------------------------- BC (offline)
-def load_training_demos(path: str, task_name: str, obs_size: int, successes_only: bool, max_demos,
-                        key: str = "algo.demos"):
+def load_training_demos(path: str, task, successes_only: bool, max_demos, key: str = "algo.demos"):
+    """A demos file for training on `task` (a task core): the same task and the same observation
+    layout (terms, order, sizes, scales), or an error naming the first difference."""
     from robotrl.datasets import load_demos
     if not path or path == "???":
         raise ValueError(f"{key}: give a demos file (record one with `robotrl demos task=… n=… out=…`)")
     demos = load_demos(path)
-    if demos.header["task"] != task_name or demos.obs.shape[1] != obs_size:
+    name = task.cfg.name
+    if demos.header["task"] != name or demos.obs.shape[1] != task.obs_size:
         raise ValueError(f"{key}: {path} holds task '{demos.header['task']}' with observations of size "
-                         f"{demos.obs.shape[1]}; this run trains task '{task_name}' (observation size {obs_size})")
+                         f"{demos.obs.shape[1]}; this run trains task '{name}' (observation size {task.obs_size})")
+    recorded = [(t["name"], t["size"], t["scale"]) for t in demos.header.get("observation", {}).get("terms", [])]
+    here = [(t["name"], t["size"], t["scale"]) for t in task.layout.to_manifest()["terms"]]
+    if recorded and recorded != here:
+        n = max(len(recorded), len(here))
+        recorded, here = recorded + [None] * (n - len(recorded)), here + [None] * (n - len(here))
+        i = next(i for i in range(n) if recorded[i] != here[i])
+        raise ValueError(f"{key}: {path} was recorded with observation term {i} = {recorded[i]} (name, size, "
+                         f"scale); this run's task.observation has {here[i]} there")
     demos = demos.select(successes_only, max_demos)
     if demos.num_episodes == 0:
         raise ValueError(f"{key}: no episodes left in {path} after successes_only/max_demos")
@@ -214,7 +224,7 @@ def train_bc(cfg: DictConfig) -> Path:
     run_dir = _setup(cfg)
     from sim.envs import make_task
     probe = make_task(task_cfg)
-    demos = load_training_demos(acfg.demos, task_cfg.name, probe.obs_size, acfg.successes_only, acfg.max_demos)
+    demos = load_training_demos(acfg.demos, probe, acfg.successes_only, acfg.max_demos)
     clip = probe.cfg.action_clip
     bc = BC(acfg, demos, seed=cfg.seed)
     logger = Rows(MetricsLogger(run_dir), BC_KEYS)
@@ -405,7 +415,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
     max_demos = c.max_demos if c.max_demos is not None else (base_cfg.get("max_demos") if base_cfg else None)
     demos = None
     if c.use_demos or not c.use_base:
-        demos = load_training_demos(demos_path, task_cfg.name, task.obs_size, True, max_demos)
+        demos = load_training_demos(demos_path, task, True, max_demos)
     base = build_resfit_parts(c, task, base_state, base_cfg, demos)
     learner = ResFiT(c, base, task.obs_size, task.action_size, seed=cfg.seed)
     online = Replay(c.buffer_size, task.obs_size, task.action_size)

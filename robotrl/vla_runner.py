@@ -103,7 +103,7 @@ def train_vla_bc(cfg: DictConfig) -> Path:
     task_cfg = _task_cfg(cfg)
     probe = make_task(task_cfg)
     inputs = vla_inputs(probe)
-    demos = load_training_demos(acfg.demos, task_cfg.name, probe.obs_size, acfg.successes_only, acfg.max_demos)
+    demos = load_training_demos(acfg.demos, probe, acfg.successes_only, acfg.max_demos)
     policy = VLA(inputs, probe.action_size, bins=acfg.bins, clip=task_cfg.action_clip, width=acfg.width,
                  layers=acfg.layers, heads=acfg.heads, patch=acfg.patch)
     run_dir = _setup(cfg)       # after every check: a refused run leaves no folder

@@ -206,6 +206,8 @@ def test_bc_then_ppo_runs_write_their_folders_and_export_one_artifact(runs, tmp_
     (["train", *TASK, "algo=vla_rl", "algo.base={demos_dir}"], "checkpoint not found"),
     (["train", *TASK, "algo=vla_bc", "algo.demos={demos}", "algo.patch=5"], "algo.patch=5 must divide"),
     (["export", "run={bc}", "out={tmp}/x.onnx"], "a VLA exports to TorchScript only"),
+    (["train", *TASK, "algo=vla_bc", "algo.demos={demos}", "task.observation.joint_vel=0.2"],
+     r"recorded with observation term 1 = \('joint_vel', 8, 0.1\) .* has \('joint_vel', 8, 0.2\) there"),
 ])
 def test_bad_vla_input_is_named(runs, args, needle, tmp_path, capsys):
     import re
