@@ -64,6 +64,18 @@ class VLAInputs:
         return cls(image, words, tuple(state), tuple(vocabulary))
 
 
+def sincos_2d(rows: int, cols: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes [rows * cols, width] (row-major): half the width codes the row."""
+    def code(n: int, dims: int) -> torch.Tensor:
+        freq = 1.0 / (100.0 ** (torch.arange(dims // 2) / max(1, dims // 2)))
+        angle = torch.arange(n)[:, None] * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+    half = width // 2
+    r, c = code(rows, half), code(cols, width - half)
+    return torch.cat([r[:, None].expand(rows, cols, half), c[None].expand(rows, cols, width - half)], dim=2) \
+        .reshape(rows * cols, width) * 0.5
+
+
 class Block(nn.Module):
     """A pre-norm transformer block that can extend a sequence whose keys and values it has cached."""
 
@@ -110,10 +122,23 @@ class Backbone(nn.Module):
         self.heads, self.head_dim = heads, width // heads
         self.patches = (h // patch) * (w // patch)
         self.prompt_len = self.patches + 1 + self.words_len
-        self.patch_embed = nn.Conv2d(3, width, patch, patch)
+        # The image tokenizer: a small convolution over the pixels and their coordinates (CoordConv),
+        # modulated by the instruction (FiLM, as RT-1's language-conditioned image tokenizer), then one
+        # token per patch, whose position embedding starts as a fixed 2-D sine-cosine code (as in MAE).
+        # Without the coordinates and that code, where a ~3-pixel cube is had to be learnt from random
+        # position embeddings, and a probe regressing the named cube's position learnt it 2-3x slower.
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        self.register_buffer("coords", torch.stack([xs, ys])[None], persistent=False)
+        self.stem = nn.Conv2d(5, 32, 3, padding=1)
+        self.film = nn.Linear(width, 2 * 32)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.patch_embed = nn.Conv2d(32, width, patch, patch)
         self.state_embed = nn.Sequential(nn.Linear(max(1, inputs.state_size), width), nn.LayerNorm(width))
         self.token_embed = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.randn(1, self.prompt_len + answer, width) * 0.02)
+        pos = torch.randn(1, self.prompt_len + answer, width) * 0.02
+        pos[0, :self.patches] = sincos_2d(h // patch, w // patch, width)
+        self.pos = nn.Parameter(pos)
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
 
@@ -121,10 +146,16 @@ class Backbone(nn.Module):
         b = obs.shape[0]
         img = obs[:, self.image_start:self.image_start + self.height * self.width * 3]
         img = img.reshape(b, self.height, self.width, 3).permute(0, 3, 1, 2)
-        patches = self.patch_embed(img * 2.0 - 1.0).flatten(2).transpose(1, 2)
-        state = obs[:, self.state_index] if self.state_index.numel() > 0 else obs.new_zeros(b, 1)
         words = obs[:, self.words_start:self.words_start + self.words_len].round().long()
-        return torch.cat([patches, self.state_embed(state)[:, None], self.token_embed(words)], dim=1)
+        word_embeddings = self.token_embed(words)
+        present = (words > 0).float()[:, :, None]                    # id 0 is padding
+        sentence = (word_embeddings * present).sum(1) / present.sum(1).clamp(min=1.0)
+        scale, shift = self.film(sentence)[:, :, None, None].chunk(2, dim=1)
+        pixels = torch.cat([img * 2.0 - 1.0, self.coords.expand(b, -1, -1, -1)], dim=1)
+        features = F.gelu(self.stem(pixels) * (1.0 + scale) + shift)
+        patches = self.patch_embed(features).flatten(2).transpose(1, 2)
+        state = obs[:, self.state_index] if self.state_index.numel() > 0 else obs.new_zeros(b, 1)
+        return torch.cat([patches, self.state_embed(state)[:, None], word_embeddings], dim=1)
 
     def forward(self, x: torch.Tensor, cache: List[Tuple[torch.Tensor, torch.Tensor]],
                 causal: bool) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor]]]:
