@@ -41,7 +41,9 @@ class CubeConfig:
 
 
 @dataclasses.dataclass
-class ArmLiftConfig:
+class TabletopConfig:
+    """What every arm tabletop task's config has (arm_lift, arm_place, arm_reach); each task adds its
+    own keys and names its reward and object observation terms in `known_terms`."""
     name: str
     robot: str
     episode_s: float
@@ -52,14 +54,13 @@ class ArmLiftConfig:
     reward_mode: str
     observation: dict[str, float]
     reward: dict[str, float]
-    cube: CubeConfig
-    lift_height: float
-    hold_s: float
+    cube: CubeConfig          # arm_reach: every cube
+    hold_s: float             # the goal must hold this long to count as success
     randomization: Randomization
     action_type: str = "delta"   # delta: target += scale * action; absolute: target = mid + half_range * action
 
     def __post_init__(self):
-        for key in ("episode_s", "action_scale", "gripper_scale", "action_clip", "lift_height"):
+        for key in ("episode_s", "action_scale", "gripper_scale", "action_clip"):
             if not 0 < getattr(self, key) < math.inf:   # NaN fails too
                 raise ValueError(f"task.{key} must be a finite number > 0, got {getattr(self, key)}")
         if not 0 <= self.hold_s < math.inf:
@@ -85,6 +86,20 @@ class ArmLiftConfig:
             lo_hi = getattr(self.cube, key)
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise ValueError(f"task.cube.{key} must be [low, high] with low <= high, got {list(lo_hi)}")
+
+    def known_terms(self) -> tuple[dict, dict]:
+        """This task's reward terms and object observation terms."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(kw_only=True)
+class ArmLiftConfig(TabletopConfig):
+    lift_height: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.lift_height < math.inf:
+            raise ValueError(f"task.lift_height must be a finite number > 0, got {self.lift_height}")
 
     def known_terms(self) -> tuple[dict, dict]:
         """This task's reward terms and object observation terms (a task built on this one adds its own)."""

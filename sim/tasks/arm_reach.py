@@ -25,7 +25,6 @@ import numpy as np
 from real.observations import TERMS as ROBOT_TERMS
 from real.observations import ObsLayout
 from sim.camera import RayCamera
-from sim.randomization import Randomization
 from sim.tasks import arm_lift
 from sim.tasks.arm_place import CameraConfig
 
@@ -37,7 +36,6 @@ REACH_TERMS = {
     "camera_rgb": "ray-cast RGB image of task.camera (sim/camera.py), height x width x 3 row-major, in [0, 1]",
     "instruction": "the instruction's word ids in the manifest's vocabulary, padded with 0 to instruction_length",
 }
-JOINT_TERMS = arm_lift.JOINT_TERMS
 
 
 def approach(s):
@@ -47,49 +45,22 @@ def approach(s):
 REWARDS = {"approach": approach, "success": arm_lift.success}
 
 
-@dataclasses.dataclass
-class ArmReachConfig:
-    name: str
-    robot: str
-    episode_s: float
-    action_scale: float
-    gripper_scale: float
-    action_clip: float
-    history: int
-    reward_mode: str
-    observation: dict[str, float]
-    reward: dict[str, float]
-    cube: arm_lift.CubeConfig        # every cube: size, mass, friction, placement ranges
+@dataclasses.dataclass(kw_only=True)
+class ArmReachConfig(arm_lift.TabletopConfig):
     colours: dict[str, list[float]]  # colour word -> RGB of its cube; one instruction per colour
     instruction: str                 # the template, with {colour}
     reach_height: float              # m above the named cube's top
     reach_tolerance: float           # m
     min_spacing: float               # between cube centres on the table, m
-    hold_s: float
-    randomization: Randomization
     camera: CameraConfig = dataclasses.field(default_factory=CameraConfig)
-    action_type: str = "delta"
 
     def __post_init__(self):
-        for key in ("episode_s", "action_scale", "gripper_scale", "action_clip", "reach_tolerance"):
-            if not 0 < getattr(self, key) < math.inf:
-                raise ValueError(f"task.{key} must be a finite number > 0, got {getattr(self, key)}")
-        for key in ("reach_height", "min_spacing", "hold_s"):
+        super().__post_init__()
+        if not 0 < self.reach_tolerance < math.inf:
+            raise ValueError(f"task.reach_tolerance must be a finite number > 0, got {self.reach_tolerance}")
+        for key in ("reach_height", "min_spacing"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"task.{key} must be a finite number >= 0, got {getattr(self, key)}")
-        if self.history < 1:
-            raise ValueError(f"task.history must be >= 1, got {self.history}")
-        if self.action_type not in arm_lift.ACTION_TYPES:
-            raise ValueError(f"task.action_type must be one of {list(arm_lift.ACTION_TYPES)}, got {self.action_type!r}")
-        if self.reward_mode not in arm_lift.REWARD_MODES:
-            raise ValueError(f"task.reward_mode must be one of {list(arm_lift.REWARD_MODES)}, got {self.reward_mode!r}")
-        unknown = sorted(set(self.reward) - set(REWARDS))
-        if unknown:
-            raise ValueError(f"task.reward: unknown term(s) {unknown}; available: {sorted(REWARDS)}")
-        unknown = sorted(set(self.observation) - set(JOINT_TERMS) - set(REACH_TERMS))
-        if unknown:
-            raise ValueError(f"task.observation: unknown term(s) {unknown}; "
-                             f"available: {sorted(JOINT_TERMS + tuple(REACH_TERMS))}")
         if not self.colours:
             raise ValueError("task.colours: name at least one colour (colour word: [r, g, b])")
         for colour, rgb in self.colours.items():
