@@ -1,4 +1,4 @@
-"""arm_reach and its ray-cast camera: the gymnasium contract, the image shows what the scene holds,
+"""arm_reach and its ray-cast camera: the gymnasium contract, determinism, the image shows what the scene holds,
 the instruction says which cube, the expert reaches it and trivial policies do not, the curriculum
 handle, config validation."""
 import mujoco
@@ -25,6 +25,20 @@ def test_env_checker_and_layout():
     image = obs[-4 - 32 * 32 * 3:-4]
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.05
     env.close()
+
+
+def test_same_seed_gives_identical_observations_and_instructions():
+    def rollout(seed):
+        env = make_vec("arm_reach", num_envs=4, nthread=2)
+        obs, _ = env.reset(seed=seed)
+        rng, out = np.random.default_rng(0), [obs]
+        for _ in range(20):
+            out.append(env.step(rng.uniform(-1, 1, (4, 8)).astype(np.float32))[0])
+        return np.array(out), env.task.goal.copy()
+    (a, goal_a), (b, goal_b), (c, _) = rollout(0), rollout(0), rollout(1)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(goal_a, goal_b)
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[:, 0], a[:, 1])
 
 
 def test_orbit_pose_is_mujocos_free_camera():
