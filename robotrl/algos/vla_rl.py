@@ -76,7 +76,7 @@ class VLARLConfig:
     envs: int = 32
     steps: int = 64                   # env steps per env per iteration
     iterations: int = 60
-    temperature: float = 1.0          # sampling temperature of rollouts (the paper: 1.5 on OpenVLA-7B)
+    temperature: float = 0.5          # sampling temperature of rollouts (the paper: 1.5 on OpenVLA-7B)
     gamma: float = 0.99
     lam: float = 0.95
     clip: float = 0.2
