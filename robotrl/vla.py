@@ -177,15 +177,18 @@ class Backbone(nn.Module):
 
 class VLA(nn.Module):
     def __init__(self, inputs: VLAInputs, action_dims: int, bins: int = 256, clip: float = 1.0, width: int = 64,
-                 layers: int = 2, heads: int = 4, patch: int = 4):
+                 layers: int = 2, heads: int = 4, patch: int = 4, privileged: int = 0):
         super().__init__()
         self.inputs = inputs
         self.action_dims, self.bins, self.clip = action_dims, bins, float(clip)
         self.n_words = len(inputs.vocabulary)
         self.config = {"action_dims": action_dims, "bins": bins, "clip": float(clip), "width": width,
-                       "layers": layers, "heads": heads, "patch": patch}
+                       "layers": layers, "heads": heads, "patch": patch, "privileged": privileged}
         self.backbone = Backbone(inputs, self.n_words + bins, action_dims, width, layers, heads, patch)
         self.head = nn.Linear(width, bins)
+        # training only: predicts `privileged` numbers the policy does not observe (an auxiliary task
+        # for supervised fine-tuning, robotrl/algos/vla_rl.py); the artifact never calls it
+        self.privileged_head = nn.Linear(width, privileged) if privileged > 0 else None
         self.register_buffer("centres", torch.linspace(-clip, clip, bins))
 
     # ---- bins <-> actions ----
@@ -204,9 +207,13 @@ class VLA(nn.Module):
 
     def logits(self, obs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the logits of every answer position [B, A, bins] given the answer `tokens` [B, A]."""
+        return self.logits_and_summary(obs, tokens)[0]
+
+    def logits_and_summary(self, obs: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`logits`, and the last prompt token's hidden state [B, width] (what the answer starts from)."""
         h_prompt, cache = self.backbone(self.backbone.embed_prompt(obs), [], False)
         h_answer, _ = self.backbone(self._answer_embeddings(tokens[:, :-1]), cache, True)
-        return self.head(torch.cat([h_prompt[:, -1:], h_answer], dim=1))
+        return self.head(torch.cat([h_prompt[:, -1:], h_answer], dim=1)), h_prompt[:, -1]
 
     def token_logprobs(self, obs: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log pi(token_i | prompt, tokens_<i) at this sampling temperature, [B, A]."""

@@ -21,8 +21,8 @@ from robotrl.offpolicy import (PARITY_EPISODES, Rows, _finish, _setup, _task_cfg
                                load_training_demos)
 from robotrl.vla import VLA, VLACritic, VLAInputs
 
-BC_KEYS = ("train/grad_steps", "loss/bc", "bc/token_accuracy", "eval/success_rate", "eval/episode_length",
-           "perf/grad_steps_per_s")
+BC_KEYS = ("train/grad_steps", "loss/bc", "bc/token_accuracy", "loss/privileged", "eval/success_rate",
+           "eval/episode_length", "perf/grad_steps_per_s")
 RL_KEYS = ("train/iteration", "train/env_steps", "rollout/success_rate", "rollout/episodes", "loss/policy",
            "loss/value", "clip_fraction", "approx_kl", "entropy_proxy", "eval/success_rate", "eval/episode_length",
            "perf/env_steps_per_s", "perf/iteration_s")
@@ -104,8 +104,13 @@ def train_vla_bc(cfg: DictConfig) -> Path:
     probe = make_task(task_cfg)
     inputs = vla_inputs(probe)
     demos = load_training_demos(acfg.demos, probe, acfg.successes_only, acfg.max_demos)
+    privileged = None
+    if acfg.privileged_weight > 0:   # the critic observation beyond the policy's frame, standardised
+        extra = torch.as_tensor(demos.critic_obs[:, probe.layout.frame_size:])
+        privileged = (extra - extra.mean(0)) / extra.std(0).clamp(min=1e-3)
     policy = VLA(inputs, probe.action_size, bins=acfg.bins, clip=task_cfg.action_clip, width=acfg.width,
-                 layers=acfg.layers, heads=acfg.heads, patch=acfg.patch)
+                 layers=acfg.layers, heads=acfg.heads, patch=acfg.patch,
+                 privileged=0 if privileged is None else privileged.shape[1])
     run_dir = _setup(cfg)       # after every check: a refused run leaves no folder
     opt = torch.optim.AdamW(policy.parameters(), lr=acfg.lr, weight_decay=acfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, acfg.steps)
@@ -118,7 +123,8 @@ def train_vla_bc(cfg: DictConfig) -> Path:
     for step in range(1, acfg.steps + 1):
         policy.train()
         idx = torch.randint(0, len(obs), (acfg.batch,), generator=gen)
-        loss, stats = bc_loss(policy, obs[idx], actions[idx])
+        loss, stats = bc_loss(policy, obs[idx], actions[idx], None if privileged is None else privileged[idx],
+                              acfg.privileged_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -47,10 +47,14 @@ class VLABCConfig(VLAModelConfig):
     eval_every: int = 1000
     eval_episodes: int = 30
     eval_envs: int = 10
+    privileged_weight: float = 0.0   # > 0: also predict the demos' privileged critic observations (beyond the
+                                     # policy's own) from the prompt, an auxiliary task for the image tokenizer
 
     def __post_init__(self):
         require_finite(self)
         check_model(self)
+        if self.privileged_weight < 0:
+            raise ValueError(f"algo.privileged_weight must be >= 0, got {self.privileged_weight}")
         for key in ("steps", "batch", "eval_every", "eval_episodes", "eval_envs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"algo.{key} must be >= 1, got {getattr(self, key)}")
@@ -114,13 +118,21 @@ class VLARLConfig:
 
 
 # ---------------------------------------------------------------- supervised fine-tuning
-def bc_loss(policy: VLA, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy of the demonstrated actions' bins, every token teacher-forced."""
+def bc_loss(policy: VLA, obs: torch.Tensor, actions: torch.Tensor, privileged: Optional[torch.Tensor] = None,
+            privileged_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of the demonstrated actions' bins, every token teacher-forced; with `privileged`
+    (normalised numbers the policy does not observe, e.g. where the named cube is) also their squared
+    error as predicted from the prompt, weighted by `privileged_weight`."""
     tokens = policy.encode(actions)
-    logits = policy.logits(obs, tokens)
+    logits, summary = policy.logits_and_summary(obs, tokens)
     loss = F.cross_entropy(logits.reshape(-1, policy.bins), tokens.reshape(-1))
     accuracy = (logits.argmax(-1) == tokens).float().mean()
-    return loss, {"loss/bc": loss.item(), "bc/token_accuracy": accuracy.item()}
+    stats = {"loss/bc": loss.item(), "bc/token_accuracy": accuracy.item()}
+    if privileged is not None and policy.privileged_head is not None:
+        aux = F.mse_loss(policy.privileged_head(summary), privileged)
+        stats["loss/privileged"] = aux.item()
+        loss = loss + privileged_weight * aux
+    return loss, stats
 
 
 # ---------------------------------------------------------------- the curriculum

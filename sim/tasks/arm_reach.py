@@ -120,7 +120,8 @@ class ArmReach(arm_lift.ArmLift):
         sizes = tuple(self._term_size(t) for t in terms)
         self.layout = ObsLayout(terms, tuple(float(v) for v in cfg.observation.values()), sizes, cfg.history)
         self.obs_size = self.layout.size
-        self.critic_obs_size = self.layout.frame_size + 6 + len(self.sensor_pads) + 3
+        # privileged: arm_lift's (the first cube's velocity, pad contacts, randomisation) + the point to reach
+        self.critic_obs_size = self.layout.frame_size + 6 + len(self.sensor_pads) + 3 + 3
         self.history = np.zeros((num_envs, cfg.history, self.layout.frame_size), dtype=np.float32)
 
     def _add_objects(self, mj: mujoco.MjSpec) -> None:
@@ -186,6 +187,10 @@ class ArmReach(arm_lift.ArmLift):
         if "instruction" in self.layout.terms:
             s["instruction"] = self.instruction_ids[self.goal]
         return s
+
+    def observe(self) -> tuple[np.ndarray, np.ndarray]:
+        obs, critic = super().observe()
+        return obs, np.concatenate([critic, self.target_pos], axis=1).astype(np.float32)
 
     def _goal_held(self, s) -> np.ndarray:
         self._update_target()    # the named cube may have been pushed

@@ -104,6 +104,34 @@ def test_supervised_fine_tuning_learns_the_demonstrated_actions(reach):
     assert err < 0.5 * baseline, (float(err), float(baseline))
 
 
+def test_the_privileged_head_learns_where_the_named_cube_is(reach):
+    """algo.privileged_weight: the auxiliary head reads the prompt (image and words, no cube
+    position in the state) and learns the point to reach, which ends the task's critic observation."""
+    env, _, inputs = reach
+    t = env.task
+    data_obs, data_target = [], []
+    for seed in range(40):
+        obs, info = env.reset(seed=seed)
+        np.testing.assert_allclose(info["critic_obs"][:, -3:], t.target_pos, atol=1e-6)
+        data_obs.append(obs)
+        data_target.append(t.target_pos.astype(np.float32).copy())
+    obs_t, target = torch.as_tensor(np.concatenate(data_obs)), torch.as_tensor(np.concatenate(data_target))
+    z = (target - target.mean(0)) / target.std(0).clamp(min=1e-3)
+    torch.manual_seed(0)
+    policy = VLA(inputs, 8, bins=32, width=32, layers=1, heads=2, patch=8, privileged=3)
+    opt = torch.optim.AdamW(policy.parameters(), lr=2e-3)
+    actions = torch.zeros(len(obs_t), 8)
+    first = None
+    for step in range(300):
+        idx = torch.randint(0, len(obs_t), (64,))
+        loss, stats = bc_loss(policy, obs_t[idx], actions[idx], z[idx], 1.0)
+        first = stats["loss/privileged"] if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert stats["loss/privileged"] < 0.5 * first, (first, stats["loss/privileged"])
+
+
 def test_ppo_moves_the_policy_towards_rewarded_answers(reach):
     """A one-step bandit through VLAPPO.update: reward 1 when the first action dimension is
     positive. After a few updates the greedy answer's first dimension is positive on most rows."""
