@@ -387,3 +387,20 @@ def test_fine_tuning_starts_at_the_source_runs_learning_rate(run, tmp_path):
                      f"run_dir={out}"]) == 0
         first_kl[init_lr] = read_csv(out / "metrics.csv")["kl"][0]
     assert first_kl["source"] < 0.02 and first_kl["config"] > 10 * first_kl["source"], first_kl   # target 0.01
+
+
+def test_every_offline_algo_setting_is_in_its_yaml():
+    """Hydra refuses a key its YAML does not have, so a setting added to an algo's dataclass but not
+    to configs/algo/<name>.yaml cannot be given on the command line. The exceptions do not apply to
+    that algo (RLPD has no base; residual PPO's actor is feed-forward with normalised advantages)."""
+    import dataclasses
+
+    import yaml
+
+    from real.robot_spec import CONFIG_DIR
+    from robotrl.offpolicy import algo_registry
+    not_settable = {"rlpd": {"base_bias"}, "resppo": {"rnn", "rnn_size", "normalize_advantages"}}
+    for name, schema in algo_registry().items():
+        keys = set(yaml.safe_load((CONFIG_DIR / "algo" / f"{name}.yaml").read_text()))
+        missing = {f.name for f in dataclasses.fields(schema)} - keys - not_settable.get(name, set())
+        assert not missing, f"configs/algo/{name}.yaml lacks {sorted(missing)}"
