@@ -391,8 +391,9 @@ def test_fine_tuning_starts_at_the_source_runs_learning_rate(run, tmp_path):
 
 def test_every_offline_algo_setting_is_in_its_yaml():
     """Hydra refuses a key its YAML does not have, so a setting added to an algo's dataclass but not
-    to configs/algo/<name>.yaml cannot be given on the command line. The exceptions do not apply to
-    that algo (RLPD has no base; residual PPO's actor is feed-forward with normalised advantages)."""
+    to configs/algo/<name>.yaml cannot be given on the command line. The exceptions are settings of a
+    shared schema that the algo does not offer (RLPD has no base to bias; residual PPO's actor is
+    feed-forward)."""
     import dataclasses
 
     import yaml
