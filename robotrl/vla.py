@@ -281,6 +281,7 @@ class VLADeployPolicy(JointTargetDeploy):
     def __init__(self, policy: VLA, manifest: dict):
         super().__init__(manifest)
         self.vla = copy.deepcopy(policy).eval()
+        self.vla.privileged_head = None     # training's auxiliary head: the robot does not need it
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """One robot's observation [obs] -> action [A]; a batch [B, obs] -> [B, A] (evaluation: no command)."""

@@ -184,7 +184,7 @@ def runs(tmp_path_factory):
     assert main(["demos", "task=arm_reach", "n=4", "noise=0.3", "noise_steps=5", "labels=expert", "seed=0",
                  f"out={d / 'demos.npz'}"]) == 0
     assert main(["train", *TASK, "algo=vla_bc", *TINY, *EVAL, f"algo.demos={d / 'demos.npz'}", "algo.steps=30",
-                 "algo.eval_every=30", f"run_dir={d / 'bc'}"]) == 0
+                 "algo.eval_every=30", "algo.privileged_weight=1.0", f"run_dir={d / 'bc'}"]) == 0
     assert main(["train", *TASK, "algo=vla_rl", *EVAL, f"algo.base={d / 'bc'}", "algo.envs=4", "algo.steps=30",
                  "algo.iterations=4", "algo.critic_warmup=1", "algo.eval_every=4", "algo.minibatch=64",
                  "algo.critic_hidden=[32]", f"run_dir={d / 'rl'}"]) == 0
@@ -221,6 +221,8 @@ def test_bc_then_ppo_runs_write_their_folders_and_export_one_artifact(runs, tmp_
     art = load_artifact(out)
     m = art.manifest
     assert m["policy"]["family"] == "vla" and m["policy"]["vocabulary"] == m["task"]["vocabulary"]
+    assert m["policy"]["privileged"] > 0                       # trained with the auxiliary head ...
+    assert not any("privileged_head" in name for name, _ in art.module.named_parameters())   # ... not shipped
     action = art.act(np.zeros(m["observation"]["size"], np.float32))
     assert action.shape == (8,) and np.abs(action).max() <= 1.0
     report = tmp_path / "eval.json"
