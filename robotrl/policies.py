@@ -24,7 +24,6 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
     """Export a run's policy to `out` (default: <run dir>/<task>_<algo>.pt or .onnx; for a kept
     checkpoint, <task>_<algo>_step_<steps>.pt). The format is `fmt` (torchscript or onnx) or, when
     not given, the suffix of `out`."""
-    from robotrl.runner import build
     if fmt is not None and fmt not in SUFFIXES:
         raise ValueError(f"unknown export format '{fmt}'; available: {', '.join(SUFFIXES)}")
     if fmt is not None and out is not None and artifact_format(out) != fmt:
@@ -41,9 +40,19 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
             raise ValueError(f"{run}: a VLA exports to TorchScript only (its answer loop has no ONNX form here); "
                              "give out= a .pt name")
         from robotrl.vla_runner import export_vla
-        return export_vla(run, path)
-    if is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
+        full = export_vla(ckpt, run_dir.name, path)
+    elif is_offpolicy(cfg.algo.name):  # bc / resfit / rlpd / resppo: chunk queue + residual artifact
         return export_offpolicy(run, path)
+    else:
+        full = _export_onpolicy(run, ckpt, cfg, run_dir.name, path)
+    print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "
+          f"recorded observations\n  weights sha256 {full['hashes']['weights_sha256'][:16]}…")
+    return path
+
+
+def _export_onpolicy(run, ckpt: dict, cfg, run_name: str, path: Path) -> dict:
+    """PPO and its relatives: the trained actor (and normaliser) through the policy's own `export`."""
+    from robotrl.runner import build
     env, algo = build(cfg, num_envs=1)
     # The artifact needs the policy only (normaliser, actor): critic-side parts may differ between
     # versions (ECO's cost critic became a cost head) without stopping an export.
@@ -55,8 +64,5 @@ def export_run(run: str | Path, out: str | Path | None = None, fmt: str | None =
     policy_missing = [k for k in missing if k.startswith(("actor.", "obs_norm.", "memory."))]
     if policy_missing:
         raise ValueError(f"{run}: the checkpoint lacks policy tensors {policy_missing}")
-    manifest = artifact_manifest(env.task, ckpt["config"], run_dir.name, ckpt["env_steps"])
-    full = algo.model.export(path, manifest, ckpt["parity_obs"], ckpt.get("parity_starts"))
-    print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "
-          f"recorded observations\n  weights sha256 {full['hashes']['weights_sha256'][:16]}…")
-    return path
+    manifest = artifact_manifest(env.task, ckpt["config"], run_name, ckpt["env_steps"])
+    return algo.model.export(path, manifest, ckpt["parity_obs"], ckpt.get("parity_starts"))

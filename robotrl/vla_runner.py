@@ -45,10 +45,15 @@ def load_vla(run: str | Path, key: str = "algo.base") -> tuple[VLA, dict]:
     if ckpt.get("algo") not in ("vla_bc", "vla_rl"):
         algo = ckpt.get("algo", ckpt["config"]["algo"]["name"])
         raise ValueError(f"{key}: {run} is not a VLA run (its algo is '{algo}'); train one with algo=vla_bc")
+    return vla_of(ckpt), ckpt
+
+
+def vla_of(ckpt: dict) -> VLA:
+    """The VLA a vla_bc / vla_rl checkpoint holds."""
     inputs = VLAInputs(**{k: tuple(map(tuple, v)) if k == "state" else tuple(v) for k, v in ckpt["inputs"].items()})
     policy = VLA(inputs, **ckpt["model_config"])
     policy.load_state_dict(ckpt["model"])
-    return policy, ckpt
+    return policy
 
 
 def greedy(policy: VLA):
@@ -81,18 +86,14 @@ def _checkpoint(algo: str, policy: VLA, cfg, probe, step: int, run_dir: Path, ev
                     run_dir, step, keep=cfg.get("keep_checkpoints", False))
 
 
-def export_vla(run: str | Path, path: Path) -> Path:
-    """`robotrl export run=<vla_bc or vla_rl run>`: the greedy VLA as one TorchScript artifact."""
+def export_vla(ckpt: dict, run_name: str, path: Path) -> dict:
+    """`robotrl export run=<vla_bc or vla_rl run>` (robotrl/policies.py): the greedy VLA as one
+    TorchScript artifact; returns its full manifest."""
     from robotrl.policies import artifact_manifest
     from sim.envs import make_task
-    policy, ckpt = load_vla(run, key="run")
-    cfg = OmegaConf.create(ckpt["config"])
-    task = make_task(_task_cfg(cfg))
-    manifest = artifact_manifest(task, ckpt["config"], Path(cfg.run_dir).name, ckpt["env_steps"])
-    full = policy.eval().export(path, manifest, ckpt["parity_obs"], ckpt["parity_starts"])
-    print(f"artifact: {path}\n  parity max |Δ| = {full['parity_max_abs_error']:.2e} over {len(ckpt['parity_obs'])} "
-          f"recorded observations\n  weights sha256 {full['hashes']['weights_sha256'][:16]}…")
-    return path
+    task = make_task(_task_cfg(OmegaConf.create(ckpt["config"])))
+    manifest = artifact_manifest(task, ckpt["config"], run_name, ckpt["env_steps"])
+    return vla_of(ckpt).eval().export(path, manifest, ckpt["parity_obs"], ckpt["parity_starts"])
 
 
 # ---------------------------------------------------------------- supervised fine-tuning

@@ -401,8 +401,12 @@ class ArmLift:
                 "task": self._task_manifest()}
 
     def _task_manifest(self) -> dict:
+        return {**self._tabletop_facts(), "lift_height": self.cfg.lift_height}
+
+    def _tabletop_facts(self) -> dict:
+        """What every tabletop task (TabletopConfig) puts in the manifest's `task`; each adds its own."""
         c, r = self.cfg, self.robot
-        return {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode,
-                "lift_height": c.lift_height, "hold_s": c.hold_s, "cube_size": c.cube.size,
-                "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
-                "object_terms": {t: OBJECT_TERMS[t] for t in self.layout.terms if t in OBJECT_TERMS}}
+        object_terms = c.known_terms()[1]
+        return {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode, "hold_s": c.hold_s,
+                "cube_size": c.cube.size, "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
+                "object_terms": {t: object_terms[t] for t in self.layout.terms if t in object_terms}}

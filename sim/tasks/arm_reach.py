@@ -201,10 +201,7 @@ class ArmReach(arm_lift.ArmLift):
         return {"tcp_to_target": s["tcp_to_target"], "instruction_id": self.goal.astype(np.float64)}
 
     def _task_manifest(self) -> dict:
-        c, r = self.cfg, self.robot
-        return {"name": c.name, "control_hz": r.control_hz, "reward_mode": c.reward_mode, "hold_s": c.hold_s,
-                "cube_size": c.cube.size, "ee_site": r.extra["ee_site"], "gripper_width": self.gripper_width_map(),
-                "instructions": c.instructions(), "vocabulary": c.vocabulary(),
+        c = self.cfg
+        return {**self._tabletop_facts(), "instructions": c.instructions(), "vocabulary": c.vocabulary(),
                 "camera": dataclasses.asdict(c.camera), "reach_height": c.reach_height,
-                "reach_tolerance": c.reach_tolerance,
-                "object_terms": {t: REACH_TERMS[t] for t in self.layout.terms if t in REACH_TERMS}}
+                "reach_tolerance": c.reach_tolerance}
