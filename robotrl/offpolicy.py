@@ -9,6 +9,7 @@ summary.json, and an export through robotrl/export.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -211,6 +212,16 @@ def load_training_demos(path: str, task, successes_only: bool, max_demos, key: s
         i = next(i for i in range(n) if recorded[i] != here[i])
         raise ValueError(f"{key}: {path} was recorded with observation term {i} = {recorded[i]} (name, size, "
                          f"scale); this run's task.observation has {here[i]} there")
+    # an image term's pixels mean what the camera's pose made them mean: same sizes are not enough
+    camera = getattr(task.cfg, "camera", None)
+    recorded_camera = demos.header.get("task_config", {}).get("camera")
+    if camera is not None and recorded_camera is not None:
+        here_camera = dataclasses.asdict(camera)
+        differ = [k for k in here_camera if recorded_camera.get(k) != here_camera[k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{key}: {path} was recorded with task.camera.{k} = {recorded_camera.get(k)}; "
+                             f"this run's task.camera.{k} is {here_camera[k]}")
     demos = demos.select(successes_only, max_demos)
     if demos.num_episodes == 0:
         raise ValueError(f"{key}: no episodes left in {path} after successes_only/max_demos")

@@ -238,6 +238,8 @@ def test_bc_then_ppo_runs_write_their_folders_and_export_one_artifact(runs, tmp_
     (["export", "run={bc}", "out={tmp}/x.onnx"], "a VLA exports to TorchScript only"),
     (["train", *TASK, "algo=vla_bc", "algo.demos={demos}", "task.observation.joint_vel=0.2"],
      r"recorded with observation term 1 = \('joint_vel', 8, 0.1\) .* has \('joint_vel', 8, 0.2\) there"),
+    (["train", *TASK, "algo=vla_bc", "algo.demos={demos}", "task.camera.azimuth=90"],
+     r"recorded with task.camera.azimuth = 180.0; this run's task.camera.azimuth is 90.0"),
 ])
 def test_bad_vla_input_is_named(runs, args, needle, tmp_path, capsys):
     import re
