@@ -31,7 +31,7 @@ class VLAModelConfig:
     layers: int = 2
     heads: int = 4
     patch: int = 8          # image pixels per patch side; it must divide the camera image
-    bins: int = 256         # per action dimension, spanning [-action_clip, action_clip]
+    bins: int = 64          # per action dimension, spanning [-action_clip, action_clip]
 
 
 @dataclasses.dataclass
@@ -40,9 +40,9 @@ class VLABCConfig(VLAModelConfig):
     demos: Optional[str] = None
     successes_only: bool = True
     max_demos: Optional[int] = None
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 128
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     eval_every: int = 1000
     eval_episodes: int = 30

@@ -259,3 +259,36 @@ def test_vla_rl_refuses_a_base_that_is_not_a_vla(runs, tmp_path, capsys):
                  "algo.eval_episodes=1", "algo.eval_envs=1", f"algo.demos={runs / 'demos.npz'}", f"run_dir={mlp}"]) == 0
     assert main(["train", *TASK, "algo=vla_rl", f"algo.base={mlp}", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "is not a VLA run (its algo is 'bc')" in capsys.readouterr().err
+
+
+def test_the_shipped_vla_reaches_the_cube_it_is_told_to():
+    """docs/artifacts/arm_reach_vla.pt (pixels and words only; docs/vla_rl.md) reaches the named
+    cube. Told another colour than the one the task scores (each colour word swapped for the
+    next), it goes to that other cube and success collapses: it reads the instruction."""
+    from functools import partial
+    from pathlib import Path
+
+    from real.artifact import load_artifact
+    from robotrl.offpolicy import evaluate
+    from sim.envs import task_config
+    art = load_artifact(Path(__file__).parents[2] / "docs" / "artifacts" / "arm_reach_vla.pt")
+    m = art.manifest
+    task_cfg = task_config(m["task"]["config"])
+    vocab, colours = m["task"]["vocabulary"], list(task_cfg.colours)
+    swap = torch.arange(len(vocab))
+    for a, b in zip(colours, colours[1:] + colours[:1]):
+        swap[vocab.index(a)] = vocab.index(b)
+    sizes = [t["size"] for t in m["observation"]["terms"]]
+    at = [t["name"] for t in m["observation"]["terms"]].index("instruction")
+    words = slice(sum(sizes[:at]), sum(sizes[:at + 1]))
+
+    def act(obs, lie):
+        if lie:
+            obs = obs.clone()
+            obs[:, words] = swap[obs[:, words].round().long()].float()
+        with torch.no_grad():
+            return art.module(obs).numpy()
+
+    told, lied = (evaluate(task_cfg, partial(act, lie=lie), lambda done: None, 20, 10, seed=100)["success_rate"]
+                  for lie in (False, True))
+    assert told >= 0.35 and lied <= 0.1, (told, lied)     # measured: 0.55 and 0.0
