@@ -132,12 +132,20 @@ def base_act_fn(base, actor=None, clip: float = 1.0):
 
 # ---------------------------------------------------------------- the run folder
 def _setup(cfg: DictConfig) -> Path:
+    _seed(cfg)
+    return _run_folder(cfg)
+
+
+def _seed(cfg: DictConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+
+def _run_folder(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     return run_dir
 
 
@@ -407,7 +415,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         raise ValueError(f"{' and '.join(bounded)} bound Q to [algo.v_min, algo.v_max] = [0, 1], the returns of a "
                          f"sparse 0/1 reward; task.reward_mode={task_cfg.reward_mode} gives larger ones: set "
                          "algo.clip_q_target=false and algo.critic_loss=mse, or algo.v_min/v_max to its returns' range")
-    run_dir = _setup(cfg)
+    _seed(cfg)    # where it always was: the networks' initial weights reproduce the shipped runs
     env = TaskVectorEnv(task_cfg, num_envs=c.num_envs, nthread=min(2, c.num_envs))
     task = env.task
     clip = task.cfg.action_clip
@@ -429,6 +437,7 @@ def train_resfit(cfg: DictConfig, ckpt: dict | None = None) -> Path:
         demos = load_training_demos(demos_path, task, True, max_demos)
     base = build_resfit_parts(c, task, base_state, base_cfg, demos)
     learner = ResFiT(c, base, task.obs_size, task.action_size, seed=cfg.seed)
+    run_dir = _run_folder(cfg)     # after every check: a refused run leaves no folder
     online = Replay(c.buffer_size, task.obs_size, task.action_size)
     demo_rb = (demo_transitions(demos, base, base.norm, c.nstep, c.gamma)
                if (c.use_demos and demos is not None) else None)

@@ -644,3 +644,9 @@ def test_resfit_resumes_with_its_learner_and_replay(resfit_run, tmp_path):
     steps = read_csv(run / "metrics.csv")["env_steps"]
     assert steps == sorted(set(steps)) and steps[-1] == 200
     assert load_checkpoint(resfit_run)["env_steps"] == 120   # the original folder was left alone
+
+
+def test_a_refused_resfit_run_leaves_no_folder(tmp_path, capsys):
+    assert main(["train", "task=arm_lift", "algo=resfit", f"run_dir={tmp_path / 'r'}"]) == 2
+    assert "algo.base: give the run folder of an algo=bc run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
